@@ -1,0 +1,77 @@
+//! `portcullis check`: validate everything the configuration names and print
+//! a summary; nothing is started or written.
+
+use std::path::Path;
+
+use super::Failure;
+
+pub fn check(config_path: &Path) -> Result<(), Failure> {
+    let config = crate::config::load(config_path)?;
+    let s = &config.server;
+    println!("{}: configuration is valid", config_path.display());
+    println!("listeners:");
+    println!(
+        "  https  {} (TLS {}+, {} SNI certificate(s))",
+        s.https_listen,
+        match config.tls.min_version {
+            crate::config::TlsVersion::Tls12 => "1.2",
+            crate::config::TlsVersion::Tls13 => "1.3",
+        },
+        config.tls.sni.len()
+    );
+    if let Some(addr) = s.http_listen {
+        println!("  http   {addr} (redirects to HTTPS)");
+    }
+    if let Some(addr) = s.admin_listen {
+        println!("  admin  {addr} (/healthz, /readyz, /metrics)");
+    }
+    println!("upstream: http://{}", config.upstream.authority);
+    if let Some(acme) = &config.acme {
+        println!("acme: {} ({})", acme.domains.join(", "), acme.challenge);
+    }
+    if config.routes.is_empty() {
+        println!("routes: none (every request gets the global policies)");
+    } else {
+        println!("routes:");
+    }
+    for route in &config.routes {
+        let mut policies = Vec::new();
+        if let Some(methods) = &route.methods {
+            policies.push(format!(
+                "methods {}",
+                methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+        }
+        if route.jwt {
+            policies.push("jwt".into());
+        }
+        if !route.scopes.is_empty() {
+            policies.push(format!("scopes {}", route.scopes.join(" ")));
+        }
+        if let Some(rl) = &route.rate_limit {
+            policies.push(format!(
+                "rate_limit {}/{}s burst {}",
+                rl.rate.count,
+                rl.rate.per.as_secs(),
+                rl.burst
+            ));
+        }
+        if let Some(max) = route.max_body_bytes {
+            policies.push(format!("max_body_bytes {max}"));
+        }
+        println!(
+            "  {:<24} {}",
+            route.path,
+            if policies.is_empty() {
+                "-".into()
+            } else {
+                policies.join("; ")
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! `portcullis token`: a signed JWT that the configured `[jwt]` verifier
+//! accepts, for trying protected routes with curl.
+
+use std::path::Path;
+
+use super::Failure;
+use crate::policy::jwt::{MintRequest, mint};
+
+pub fn token(
+    config_path: &Path,
+    sub: &str,
+    scope: Option<String>,
+    ttl: &str,
+    claims: &[String],
+    key: Option<&Path>,
+) -> Result<(), Failure> {
+    let ttl = crate::config::units::parse_duration(ttl)
+        .map_err(|e| Failure::Usage(format!("--ttl: {e}")))?;
+    let extra_claims = claims
+        .iter()
+        .map(|claim| {
+            let (name, value) = claim
+                .split_once('=')
+                .ok_or_else(|| Failure::Usage(format!("--claim: expected k=v, got \"{claim}\"")))?;
+            let value = serde_json::from_str(value)
+                .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+            Ok((name.to_string(), value))
+        })
+        .collect::<Result<Vec<_>, Failure>>()?;
+    let config = crate::config::load(config_path)?;
+    let jwt = config.jwt.as_ref().ok_or_else(|| {
+        Failure::Usage(format!(
+            "{}: there is no [jwt] section to sign for",
+            config_path.display()
+        ))
+    })?;
+    let private_key = key
+        .map(|path| {
+            std::fs::read(path)
+                .map_err(|e| Failure::Usage(format!("--key {}: {e}", path.display())))
+        })
+        .transpose()?;
+    let request = MintRequest {
+        subject: sub.to_string(),
+        scope,
+        ttl,
+        extra_claims,
+        issuer: jwt.settings.issuer.clone(),
+        audience: jwt.settings.audience.clone(),
+    };
+    let token = mint(&jwt.settings, private_key.as_deref(), &request)
+        .map_err(|e| Failure::Usage(format!("jwt.{e}")))?;
+    println!("{token}");
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Configuration: `proxy.toml` in, a validated [`Config`] out.
+//!
+//! Loading is two steps kept apart on purpose: [`file`] is the file's syntax
+//! (serde structures, unknown keys refused), [`validate`] turns it into types
+//! that cannot be invalid (addresses, header names, decoded keys, loaded
+//! certificates). The request path never parses configuration. Every error
+//! names the file, line, column and key: `proxy.toml:14:9: routes[2].rate_limit.rate: ...`.
+
+pub mod file;
+pub mod units;
+pub mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+use rustls::sign::CertifiedKey;
+
+use crate::filters::cookies::CookiePolicy;
+use crate::policy::jwt::JwtVerifier;
+use crate::policy::rate_limit::RateLimitSpec;
+
+/// The validated configuration: everything the runtime needs, already checked
+/// and decoded (certificates loaded, keys parsed, headers built).
+pub struct Config {
+    pub path: PathBuf,
+    pub server: Server,
+    pub tls: Tls,
+    pub upstream: Upstream,
+    /// The `Strict-Transport-Security` value, or `None` when disabled.
+    pub hsts: Option<HeaderValue>,
+    pub cookies: CookiePolicy,
+    pub headers: HeaderRules,
+    pub jwt: Option<Jwt>,
+    pub log: Log,
+    pub redis: Option<Redis>,
+    pub acme: Option<Acme>,
+    pub routes: Vec<Route>,
+}
+
+pub struct Server {
+    pub https_listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    /// The port written in redirects when set; otherwise the HTTPS listener's
+    /// bound port. Omitted from the redirect when it is 443.
+    pub redirect_https_port: Option<u16>,
+    pub admin_listen: Option<SocketAddr>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+pub struct Tls {
+    pub default_cert: Arc<CertifiedKey>,
+    pub cert_path: PathBuf,
+    pub sni: Vec<SniCert>,
+    pub min_version: TlsVersion,
+    pub alpn: Vec<Vec<u8>>,
+}
+
+pub struct SniCert {
+    /// Lower-cased DNS name, as rustls hands SNI to the resolver.
+    pub server_name: String,
+    pub cert: Arc<CertifiedKey>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port` as written in the url, used to build request URIs.
+    pub authority: http::uri::Authority,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Default)]
+pub struct HeaderRules {
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+pub struct Jwt {
+    /// Kept for `portcullis token`, which signs with the same settings.
+    pub settings: crate::policy::jwt::JwtSettings,
+    pub verifier: Arc<JwtVerifier>,
+    /// claim name → header sent upstream.
+    pub forward_claims: Vec<(String, HeaderName)>,
+    pub token_cookie: Option<String>,
+}
+
+pub struct Log {
+    pub json: bool,
+    pub level: String,
+}
+
+/// Parsed and checked, not yet used by this build (see README, "Not yet built").
+pub struct Redis {
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: String,
+}
+
+/// Parsed and checked, not yet used by this build (see README, "Not yet built").
+pub struct Acme {
+    pub domains: Vec<String>,
+    pub challenge: String,
+}
+
+#[derive(Clone)]
+pub struct Route {
+    /// The route's `path` as written (already normalized), also its log label.
+    pub path: String,
+    pub methods: Option<Vec<Method>>,
+    pub jwt: bool,
+    pub scopes: Vec<String>,
+    pub rate_limit: Option<RateLimitSpec>,
+    pub csrf: bool,
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: Option<u64>,
+}
+
+/// A configuration error with its place: `file:line:col: key: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; `None` when the error has no place in the file (it cannot be read, say).
+    pub position: Option<(usize, usize)>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: ", self.file)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, parses and validates `path`, loading every file it names.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let display = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: display.clone(),
+        position: None,
+        key: String::new(),
+        message: format!("cannot read the configuration file: {e}"),
+    })?;
+    load_str(&source, path)
+}
+
+/// Validates configuration text as if read from `path` (relative file names
+/// in it are resolved against `path`'s directory).
+pub fn load_str(source: &str, path: &Path) -> Result<Config, ConfigError> {
+    let display = path.display().to_string();
+    let file = parse(source).map_err(|(span, key, message)| ConfigError {
+        position: span.map(|s| line_col(source, s.start)),
+        file: display.clone(),
+        key,
+        message,
+    })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    validate::validate(file, &base_dir, path).map_err(|e| ConfigError {
+        position: locate(source, &e.key).map(|offset| line_col(source, offset)),
+        file: display,
+        key: e.key,
+        message: e.message,
+    })
+}
+
+type ParseFailure = (Option<std::ops::Range<usize>>, String, String);
+
+fn parse(source: &str) -> Result<file::FileConfig, ParseFailure> {
+    let deserializer = toml::Deserializer::parse(source)
+        .map_err(|e| (e.span(), String::new(), e.message().to_string()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let key = if path == "." { String::new() } else { path };
+        (inner.span(), key, inner.message().to_string())
+    })
+}
+
+/// Byte offset of the value at a dotted key path such as `routes[2].rate_limit.rate`.
+fn locate(source: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(source).ok()?;
+    let mut current: Option<&toml::Spanned<DeValue>> = None;
+    let mut table = Some(root.get_ref());
+    let mut span = root.span();
+    for part in key.split('.') {
+        let (name, indices) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !name.is_empty() {
+            let value = table?.get(name)?;
+            span = value.span();
+            current = Some(value);
+        }
+        for index in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
+            let index: usize = index.parse().ok()?;
+            let value = current?.get_ref().as_array()?.get(index)?;
+            span = value.span();
+            current = Some(value);
+        }
+        table = current.and_then(|v| v.get_ref().as_table());
+    }
+    Some(span.start)
+}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("a\nbc = 1", 2), (2, 1));
+        assert_eq!(line_col("a\nbc = 1", 7), (2, 6));
+    }
+
+    #[test]
+    fn locate_walks_arrays_of_tables() {
+        let src = "[server]\nx = 1\n[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nrate_limit = { rate = \"ten\" }\n";
+        let offset = locate(src, "routes[1].rate_limit.rate").unwrap();
+        assert_eq!(line_col(src, offset), (7, 22));
+    }
+}

@@ -1,0 +1,659 @@
+//! From the file's syntax to a [`Config`] that cannot be invalid: addresses
+//! parsed, header names checked, certificates and keys loaded and matched,
+//! JWT keys decoded, routes normalized and unique.
+//!
+//! Errors carry the dotted key (`routes[2].rate_limit.rate`); [`super::load_str`]
+//! turns the key into a line and column.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::file::{self, FileConfig};
+use super::{
+    Acme, Config, HeaderRules, Jwt, Log, Redis, Route, Server, SniCert, Tls, TlsVersion, Upstream,
+};
+use crate::filters::cookies::{CookiePolicy, SameSite};
+use crate::policy::jwt::{JwtSettings, JwtVerifier};
+use crate::policy::rate_limit::{KeySource, Rate, RateLimitSpec};
+
+/// A validation failure at a dotted key.
+#[derive(Debug)]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+type Result<T> = std::result::Result<T, Invalid>;
+
+pub fn validate(file: FileConfig, base_dir: &Path, config_path: &Path) -> Result<Config> {
+    let server = server(&file.server)?;
+    let tls = match (&file.tls, &file.acme) {
+        (Some(section), _) if section.cert.is_some() || section.key.is_some() => {
+            tls(section, base_dir)?
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                "acme",
+                "ACME certificates are not built yet in this version; set tls.cert and tls.key",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "tls.cert",
+                "missing: tls.cert and tls.key are required",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "tls",
+                "missing: the [tls] section with cert and key is required",
+            ));
+        }
+    };
+    let jwt = match &file.jwt {
+        Some(section) => Some(jwt(section, base_dir)?),
+        None => None,
+    };
+    let routes = routes(&file.routes, jwt.is_some(), base_dir)?;
+    Ok(Config {
+        path: config_path.to_path_buf(),
+        server,
+        tls,
+        upstream: upstream(&file.upstream)?,
+        hsts: hsts(&file.hsts)?,
+        cookies: cookies(&file.cookies)?,
+        headers: headers(&file.headers)?,
+        jwt,
+        log: log(&file.log)?,
+        redis: file.redis.as_ref().map(redis).transpose()?,
+        acme: file.acme.as_ref().map(acme).transpose()?,
+        routes,
+    })
+}
+
+fn socket_addr(key: &str, text: &str) -> Result<SocketAddr> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!(r#"expected an address such as "0.0.0.0:8443" or "[::1]:8443", got "{text}""#),
+        )
+    })
+}
+
+fn server(s: &file::ServerSection) -> Result<Server> {
+    let https_listen = socket_addr("server.https_listen", &s.https_listen)?;
+    let http_listen = s
+        .http_listen
+        .as_deref()
+        .map(|a| socket_addr("server.http_listen", a))
+        .transpose()?;
+    let admin_listen = s
+        .admin_listen
+        .as_deref()
+        .map(|a| socket_addr("server.admin_listen", a))
+        .transpose()?;
+    if s.redirect_https_port == Some(0) {
+        return Err(invalid(
+            "server.redirect_https_port",
+            "must be a port from 1 to 65535",
+        ));
+    }
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        format!("server.trusted_proxies[{i}]"),
+                        format!(
+                            r#"expected an address or CIDR such as "10.0.0.0/8", got "{text}""#
+                        ),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if s.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    for (key, value) in [
+        ("server.header_read_timeout", s.header_read_timeout),
+        ("server.idle_timeout", s.idle_timeout),
+    ] {
+        if value.0.is_zero() {
+            return Err(invalid(key, "must be longer than 0s"));
+        }
+    }
+    let max_header_bytes = usize::try_from(s.max_header_bytes.0)
+        .ok()
+        .filter(|n| (1024..=1 << 20).contains(n))
+        .ok_or_else(|| invalid("server.max_header_bytes", "must be between 1KiB and 1MiB"))?;
+    let workers = match s.workers {
+        Some(0) => return Err(invalid("server.workers", "must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    Ok(Server {
+        https_listen,
+        http_listen,
+        redirect_https_port: s.redirect_https_port,
+        admin_listen,
+        trusted_proxies,
+        max_connections: s.max_connections,
+        header_read_timeout: s.header_read_timeout.0,
+        idle_timeout: s.idle_timeout.0,
+        shutdown_timeout: s.shutdown_timeout.0,
+        max_header_bytes,
+        max_body_bytes: s.max_body_bytes.0,
+        workers,
+    })
+}
+
+fn resolve(base_dir: &Path, name: &str) -> PathBuf {
+    let path = Path::new(name);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+fn read_file(key: &str, base_dir: &Path, name: &str) -> Result<Vec<u8>> {
+    let path = resolve(base_dir, name);
+    std::fs::read(&path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_string(),
+            _ => e.to_string(),
+        };
+        let hint = if key.starts_with("tls.") {
+            " (for development, `portcullis gen-cert` writes one)"
+        } else {
+            ""
+        };
+        invalid(key, format!("cannot read {}: {why}{hint}", path.display()))
+    })
+}
+
+/// Loads a PEM certificate chain and its private key and checks that they belong together.
+pub fn load_certified_key(
+    base_dir: &Path,
+    cert_key: &str,
+    cert_name: &str,
+    key_key: &str,
+    key_name: &str,
+) -> Result<Arc<CertifiedKey>> {
+    let cert_pem = read_file(cert_key, base_dir, cert_name)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| invalid(cert_key, format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid(cert_key, "no certificate found in the PEM file"));
+    }
+    let key_pem = read_file(key_key, base_dir, key_name)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        invalid(
+            key_key,
+            format!("not a PKCS#8, PKCS#1 or SEC1 PEM private key: {e}"),
+        )
+    })?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| invalid(key_key, format!("unsupported private key: {e}")))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|_| {
+        invalid(
+            key_key,
+            format!("this key does not match the certificate in {cert_name}"),
+        )
+    })?;
+    Ok(Arc::new(certified))
+}
+
+fn tls(s: &file::TlsSection, base_dir: &Path) -> Result<Tls> {
+    let cert_name = s
+        .cert
+        .as_deref()
+        .ok_or_else(|| invalid("tls.cert", "missing: required with tls.key"))?;
+    let key_name = s
+        .key
+        .as_deref()
+        .ok_or_else(|| invalid("tls.key", "missing: required with tls.cert"))?;
+    let default_cert = load_certified_key(base_dir, "tls.cert", cert_name, "tls.key", key_name)?;
+    let min_version = match s.min_version.as_str() {
+        "1.2" => TlsVersion::Tls12,
+        "1.3" => TlsVersion::Tls13,
+        other => {
+            return Err(invalid(
+                "tls.min_version",
+                format!(
+                    r#"expected "1.2" or "1.3" (older versions are never offered), got "{other}""#
+                ),
+            ));
+        }
+    };
+    let mut alpn = Vec::new();
+    for (i, proto) in s.alpn.iter().enumerate() {
+        match proto.as_str() {
+            "h2" | "http/1.1" => alpn.push(proto.as_bytes().to_vec()),
+            other => {
+                return Err(invalid(
+                    format!("tls.alpn[{i}]"),
+                    format!(r#"expected "h2" or "http/1.1", got "{other}""#),
+                ));
+            }
+        }
+    }
+    let mut sni = Vec::new();
+    for (i, entry) in s.sni.iter().enumerate() {
+        let name = entry.server_name.trim_end_matches('.').to_ascii_lowercase();
+        if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() {
+            return Err(invalid(
+                format!("tls.sni[{i}].server_name"),
+                format!(
+                    r#"expected a DNS name such as "api.example.com", got "{}""#,
+                    entry.server_name
+                ),
+            ));
+        }
+        if sni.iter().any(|c: &SniCert| c.server_name == name) {
+            return Err(invalid(format!("tls.sni[{i}].server_name"), "listed twice"));
+        }
+        let cert = load_certified_key(
+            base_dir,
+            &format!("tls.sni[{i}].cert"),
+            &entry.cert,
+            &format!("tls.sni[{i}].key"),
+            &entry.key,
+        )?;
+        sni.push(SniCert {
+            server_name: name,
+            cert,
+        });
+    }
+    Ok(Tls {
+        default_cert,
+        cert_path: resolve(base_dir, cert_name),
+        sni,
+        min_version,
+        alpn,
+    })
+}
+
+fn upstream(s: &file::UpstreamSection) -> Result<Upstream> {
+    let bad = |why: &str| invalid("upstream.url", format!(r#"{why}, got "{}""#, s.url));
+    let uri: http::Uri = s
+        .url
+        .parse()
+        .map_err(|_| bad("expected a URL such as \"http://127.0.0.1:3000\""))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("the upstream is spoken to in plain HTTP: use http://")),
+        _ => return Err(bad("expected a URL such as \"http://127.0.0.1:3000\"")),
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| bad("expected a host in the URL"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("credentials in the upstream URL are not supported"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad(
+            "the upstream URL cannot have a path or query; requests keep their own path",
+        ));
+    }
+    if s.connect_timeout.0.is_zero() || s.timeout.0.is_zero() {
+        let key = if s.timeout.0.is_zero() {
+            "upstream.timeout"
+        } else {
+            "upstream.connect_timeout"
+        };
+        return Err(invalid(key, "must be longer than 0s"));
+    }
+    Ok(Upstream {
+        authority,
+        connect_timeout: s.connect_timeout.0,
+        timeout: s.timeout.0,
+        pool_idle_timeout: s.pool_idle_timeout.0,
+    })
+}
+
+fn hsts(s: &file::HstsSection) -> Result<Option<HeaderValue>> {
+    if !s.enabled {
+        return Ok(None);
+    }
+    let mut value = format!("max-age={}", s.max_age);
+    if s.include_subdomains {
+        value.push_str("; includeSubDomains");
+    }
+    if s.preload {
+        value.push_str("; preload");
+    }
+    HeaderValue::from_str(&value)
+        .map(Some)
+        .map_err(|_| invalid("hsts", "cannot build the header"))
+}
+
+fn cookies(s: &file::CookiesSection) -> Result<CookiePolicy> {
+    let same_site = match s.same_site.to_ascii_lowercase().as_str() {
+        "strict" => SameSite::Strict,
+        "lax" => SameSite::Lax,
+        "none" => SameSite::None,
+        "keep" => SameSite::Keep,
+        _ => {
+            return Err(invalid(
+                "cookies.same_site",
+                format!(
+                    r#"expected "Strict", "Lax", "None" or "keep", got "{}""#,
+                    s.same_site
+                ),
+            ));
+        }
+    };
+    Ok(CookiePolicy {
+        secure: s.secure,
+        http_only: s.http_only,
+        same_site,
+    })
+}
+
+fn header_name(key: &str, name: &str) -> Result<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(key, format!(r#"not a valid header name: "{name}""#)))
+}
+
+fn header_pairs(
+    section: &str,
+    map: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>> {
+    map.iter()
+        .map(|(name, value)| {
+            let key = format!("{section}.{name}");
+            let name = header_name(&key, name)?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| invalid(&key, "not a valid header value (control characters?)"))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+fn headers(s: &file::HeadersSection) -> Result<HeaderRules> {
+    let remove = s
+        .remove
+        .iter()
+        .enumerate()
+        .map(|(i, name)| header_name(&format!("headers.remove[{i}]"), name))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(HeaderRules {
+        add: header_pairs("headers.add", &s.add)?,
+        set: header_pairs("headers.set", &s.set)?,
+        remove,
+    })
+}
+
+fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
+    let uses_hmac = s
+        .algorithms
+        .iter()
+        .any(|a| a.to_ascii_uppercase().starts_with("HS"));
+    let secret = if uses_hmac {
+        std::env::var_os(&s.secret_env).map(|v| v.as_encoded_bytes().to_vec())
+    } else {
+        None
+    };
+    let settings = JwtSettings {
+        algorithms: s.algorithms.clone(),
+        secret,
+        secret_env: Some(s.secret_env.clone()),
+        public_key_pem: s
+            .public_key
+            .as_deref()
+            .map(|name| read_file("jwt.public_key", base_dir, name))
+            .transpose()?,
+        jwks_json: s
+            .jwks
+            .as_deref()
+            .map(|name| read_file("jwt.jwks", base_dir, name))
+            .transpose()?,
+        jwks_url: s.jwks_url.clone(),
+        jwks_refresh: s.jwks_refresh.0,
+        issuer: s.issuer.clone(),
+        audience: s.audience.clone(),
+        leeway: s.leeway.0,
+    };
+    let verifier = JwtVerifier::new(settings.clone())
+        .map_err(|e| invalid(format!("jwt.{}", e.key), e.message))?;
+    let mut forward_claims = Vec::new();
+    for (claim, header) in &s.forward_claims {
+        let name = header_name(&format!("jwt.forward_claims.{claim}"), header)?;
+        forward_claims.push((claim.clone(), name));
+    }
+    if let Some(cookie) = &s.token_cookie
+        && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
+    {
+        return Err(invalid(
+            "jwt.token_cookie",
+            format!(r#"not a valid cookie name: "{cookie}""#),
+        ));
+    }
+    Ok(Jwt {
+        settings,
+        verifier: Arc::new(verifier),
+        forward_claims,
+        token_cookie: s.token_cookie.clone(),
+    })
+}
+
+fn log(s: &file::LogSection) -> Result<Log> {
+    let json = match s.format.as_str() {
+        "json" => true,
+        "text" => false,
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!(r#"expected "json" or "text", got "{other}""#),
+            ));
+        }
+    };
+    if !matches!(
+        s.level.as_str(),
+        "trace" | "debug" | "info" | "warn" | "error"
+    ) {
+        return Err(invalid(
+            "log.level",
+            format!(
+                r#"expected "trace", "debug", "info", "warn" or "error", got "{}""#,
+                s.level
+            ),
+        ));
+    }
+    Ok(Log {
+        json,
+        level: s.level.clone(),
+    })
+}
+
+fn redis(s: &file::RedisSection) -> Result<Redis> {
+    if !s.url.starts_with("redis://") && !s.url.starts_with("rediss://") {
+        return Err(invalid(
+            "redis.url",
+            format!(r#"expected "redis://HOST:PORT", got "{}""#, s.url),
+        ));
+    }
+    if !matches!(s.on_error.as_str(), "local" | "allow" | "deny") {
+        return Err(invalid(
+            "redis.on_error",
+            format!(
+                r#"expected "local", "allow" or "deny", got "{}""#,
+                s.on_error
+            ),
+        ));
+    }
+    Ok(Redis {
+        url: s.url.clone(),
+        key_prefix: s.key_prefix.clone(),
+        timeout: s.timeout.0,
+        on_error: s.on_error.clone(),
+    })
+}
+
+fn acme(s: &file::AcmeSection) -> Result<Acme> {
+    if s.domains.is_empty() {
+        return Err(invalid("acme.domains", "list at least one domain"));
+    }
+    if !matches!(s.challenge.as_str(), "http-01" | "tls-alpn-01") {
+        return Err(invalid(
+            "acme.challenge",
+            format!(
+                r#"expected "http-01" or "tls-alpn-01", got "{}""#,
+                s.challenge
+            ),
+        ));
+    }
+    Ok(Acme {
+        domains: s.domains.clone(),
+        challenge: s.challenge.clone(),
+    })
+}
+
+fn routes(sections: &[file::RouteSection], has_jwt: bool, _base_dir: &Path) -> Result<Vec<Route>> {
+    let mut routes: Vec<Route> = Vec::with_capacity(sections.len());
+    for (i, r) in sections.iter().enumerate() {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let normalized = crate::path::normalize(&r.path)
+            .map_err(|e| invalid(key("path"), format!("not a valid path: {}", e.message())))?;
+        if normalized.path != r.path
+            || r.path.contains(';')
+            || (r.path.len() > 1 && r.path.ends_with('/'))
+        {
+            return Err(invalid(
+                key("path"),
+                format!(
+                    r#"write the path in normalized form without ';' or a trailing '/', e.g. "{}""#,
+                    normalized
+                        .match_path
+                        .trim_end_matches('/')
+                        .replace("//", "/")
+                ),
+            ));
+        }
+        if let Some(first) = routes.iter().position(|other| other.path == r.path) {
+            return Err(invalid(
+                key("path"),
+                format!("the same path as routes[{first}]"),
+            ));
+        }
+        let methods = r
+            .methods
+            .as_ref()
+            .map(|list| {
+                if list.is_empty() {
+                    return Err(invalid(
+                        key("methods"),
+                        "list at least one method, or leave the key out",
+                    ));
+                }
+                list.iter()
+                    .enumerate()
+                    .map(|(j, m)| {
+                        let upper = m.to_ascii_uppercase();
+                        if upper != *m {
+                            return Err(invalid(
+                                format!("routes[{i}].methods[{j}]"),
+                                format!(r#"methods are upper case: "{upper}""#),
+                            ));
+                        }
+                        Method::from_bytes(m.as_bytes()).map_err(|_| {
+                            invalid(
+                                format!("routes[{i}].methods[{j}]"),
+                                format!(r#"not a method: "{m}""#),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        if r.jwt && !has_jwt {
+            return Err(invalid(
+                key("jwt"),
+                "a route with jwt = true needs a [jwt] section",
+            ));
+        }
+        if !r.scopes.is_empty() && !r.jwt {
+            return Err(invalid(
+                key("scopes"),
+                "scopes need jwt = true on the same route",
+            ));
+        }
+        let rate_limit = r
+            .rate_limit
+            .as_ref()
+            .map(|rl| {
+                let rate: Rate = rl
+                    .rate
+                    .parse()
+                    .map_err(|e: String| invalid(key("rate_limit.rate"), e))?;
+                let burst = rl.burst.unwrap_or(rate.count);
+                if burst == 0 {
+                    return Err(invalid(key("rate_limit.burst"), "must be at least 1"));
+                }
+                let source: KeySource = rl
+                    .key
+                    .parse()
+                    .map_err(|e: String| invalid(key("rate_limit.key"), e))?;
+                if source == KeySource::Sub && !r.jwt {
+                    return Err(invalid(
+                        key("rate_limit.key"),
+                        r#""sub" needs jwt = true on the same route"#,
+                    ));
+                }
+                Ok(RateLimitSpec {
+                    rate,
+                    burst,
+                    key: source,
+                })
+            })
+            .transpose()?;
+        if r.csrf {
+            return Err(invalid(
+                key("csrf"),
+                "CSRF checks are not built yet in this version",
+            ));
+        }
+        if r.json_schema.is_some() {
+            return Err(invalid(
+                key("json_schema"),
+                "JSON schema checks are not built yet in this version",
+            ));
+        }
+        routes.push(Route {
+            path: r.path.clone(),
+            methods,
+            jwt: r.jwt,
+            scopes: r.scopes.clone(),
+            rate_limit,
+            csrf: r.csrf,
+            allowed_origins: r.allowed_origins.clone(),
+            max_body_bytes: r.max_body_bytes.map(|s| s.0),
+        });
+    }
+    Ok(routes)
+}

@@ -1,0 +1,217 @@
+//! One client connection: what the request handler knows about it
+//! ([`ConnInfo`]), and the activity tracking behind the two connection
+//! timers — `header_read_timeout` (a request head must arrive in full this
+//! soon after its first byte, or after the connection opens) and
+//! `idle_timeout` (a keep-alive connection with no request in flight).
+//!
+//! hyper's own header timer also runs while a keep-alive connection waits
+//! for its next request, which would cut idle connections at the header
+//! timeout; so the proxy keeps both timers itself.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use crate::fragment::FragmentLog;
+use crate::runtime::Shared;
+
+/// What the pipeline knows about the connection a request came on.
+pub struct ConnInfo {
+    pub shared: Arc<Shared>,
+    pub worker: usize,
+    pub peer: SocketAddr,
+    /// TLS version label for the access log ("1.2", "1.3").
+    pub tls: &'static str,
+    pub is_h2: bool,
+    pub fragments: FragmentLog,
+    pub activity: Arc<Activity>,
+    requests: AtomicU64,
+}
+
+impl ConnInfo {
+    pub fn new(
+        shared: Arc<Shared>,
+        worker: usize,
+        peer: SocketAddr,
+        tls: &'static str,
+        is_h2: bool,
+        fragments: FragmentLog,
+        activity: Arc<Activity>,
+    ) -> Self {
+        ConnInfo {
+            shared,
+            worker,
+            peer,
+            tls,
+            is_h2,
+            fragments,
+            activity,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// The 0-based index of this request on the connection (HTTP/1 order).
+    pub fn next_request_index(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Which timer ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// The request head did not arrive in time: the client is cut off.
+    HeaderTimeout,
+    /// No request for `idle_timeout`: the connection is closed gracefully.
+    Idle,
+}
+
+/// Times are milliseconds since the connection opened; 0 in `head_started`
+/// means "no head in progress", so stored values are offset by one.
+pub struct Activity {
+    opened: Instant,
+    in_flight: AtomicU32,
+    served: AtomicU64,
+    idle_since: AtomicU64,
+    head_started: AtomicU64,
+    /// HTTP/2 frames (pings, settings) are not request heads.
+    tracks_heads: bool,
+}
+
+impl Activity {
+    pub fn new(tracks_heads: bool) -> Arc<Self> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            served: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            tracks_heads,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn on_read(&self) {
+        if self.tracks_heads
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started
+                .store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// When the connection's current timer runs out, and which one it is.
+    /// With a request in flight there is none; the caller looks again later.
+    pub fn deadline(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> (Instant, Option<Expiry>) {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return (Instant::now() + idle_timeout, None);
+        }
+        let at = |ms: u64, after: Duration| self.opened + Duration::from_millis(ms) + after;
+        let head = self.head_started.load(Ordering::Relaxed);
+        if head != 0 {
+            return (at(head - 1, header_timeout), Some(Expiry::HeaderTimeout));
+        }
+        if self.served.load(Ordering::Relaxed) == 0 {
+            let expiry = if self.tracks_heads {
+                Expiry::HeaderTimeout
+            } else {
+                Expiry::Idle
+            };
+            return (at(0, header_timeout), Some(expiry));
+        }
+        (
+            at(self.idle_since.load(Ordering::Relaxed), idle_timeout),
+            Some(Expiry::Idle),
+        )
+    }
+}
+
+/// Held while a request is being served (until its response body ends).
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity.served.fetch_add(1, Ordering::Relaxed);
+        activity
+            .idle_since
+            .store(activity.now_ms(), Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Notes reads for the header timer; otherwise a pass-through.
+pub struct ActivityIo<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO> ActivityIo<IO> {
+    pub fn new(io: IO, activity: Arc<Activity>) -> Self {
+        ActivityIo { io, activity }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for ActivityIo<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for ActivityIo<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

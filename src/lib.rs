@@ -1,0 +1,24 @@
+//! portcullis: a TLS-terminating reverse proxy that makes a plain-HTTP app
+//! safe to expose. Start reading at [`pipeline::handle`]: it shows every step
+//! a request goes through, in order.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod connection;
+pub mod filters;
+pub mod forward;
+pub mod fragment;
+pub mod path;
+pub mod pipeline;
+pub mod policy;
+pub mod redirect;
+pub mod reject;
+pub mod routes;
+pub mod runtime;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

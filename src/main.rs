@@ -1,0 +1,9 @@
+//! The `portcullis` binary: parse the command line, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    portcullis::cmd::dispatch(portcullis::cli::Cli::parse())
+}

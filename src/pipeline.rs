@@ -1,0 +1,366 @@
+//! The request's way through the proxy, in one place.
+//!
+//! [`handle`] is the function to read first: every step a request goes
+//! through is called from it, in order. Policies decide (they return a
+//! [`Rejection`]); this module acts (answers, forwards, logs).
+//!
+//! ```text
+//! handle
+//!   0. limits on the request head (431), framing (400), fragment (400)
+//!   1. normalize the path                        → 400   path.rs
+//!   2. match the route                                   routes.rs
+//!   3. policies in SPEC's order                  → 4xx   policy/*.rs
+//!        body limit (413) · method (405) · rate limit (429)
+//!        · JWT (401) · rate limit by sub (429) · scopes (403)
+//!   4. build the upstream request                        forward.rs
+//!   5. send it over the worker's pool            → 502/504 upstream.rs
+//!   6. response filters: HSTS, cookies, headers          filters/
+//!   7. access log (when the body ends) + metrics         telemetry.rs
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{CONNECTION, HOST};
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::connection::ConnInfo;
+use crate::forward;
+use crate::path;
+use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
+use crate::policy::rate_limit::{self, LimitKey, RateLimitInfo};
+use crate::policy::{limits, method, scopes};
+use crate::reject::Rejection;
+use crate::routes::RouteRuntime;
+use crate::runtime::Runtime;
+use crate::telemetry::{self, AccessRecord};
+use crate::upstream::UpstreamBody;
+
+/// What one request has gathered on its way; the typed per-request context.
+struct RequestContext<'rt> {
+    runtime: &'rt Runtime,
+    conn: &'rt ConnInfo,
+    record: AccessRecord,
+    /// Headers a policy wants on the final response (RateLimit on allowed requests).
+    rate_limit_info: Option<RateLimitInfo>,
+}
+
+/// Serves one request. Never fails: every failure becomes a response.
+pub async fn handle(
+    request: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let in_flight = conn.activity.begin_request();
+    let request_index = conn.next_request_index();
+    let runtime = conn.shared.runtime.load_full();
+    let (mut parts, body) = request.into_parts();
+
+    let client = rate_limit::client_ip(
+        conn.peer.ip(),
+        &parts.headers,
+        &runtime.config.server.trusted_proxies,
+    );
+    let mut ctx = RequestContext {
+        runtime: &runtime,
+        conn: &conn,
+        record: AccessRecord {
+            client,
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            route: runtime.routes.unmatched.clone(),
+            status: 0,
+            upstream_status: None,
+            tls: conn.tls,
+            sub: None,
+        },
+        rate_limit_info: None,
+    };
+
+    let outcome = match judge_and_forward(&mut ctx, &mut parts, body, request_index).await {
+        Ok(response) => response,
+        Err(rejection) => reject(&ctx, rejection),
+    };
+
+    // 6. response filters, on the proxy's own answers too
+    let mut response = outcome;
+    runtime.filters.apply(response.headers_mut());
+    if let Some(info) = &ctx.rate_limit_info {
+        for (name, value) in info.header_values() {
+            response.headers_mut().entry(name).or_insert(value);
+        }
+    }
+
+    // 7. metrics now; the access log when the body ends
+    let status = response.status().as_u16();
+    ctx.record.status = status;
+    let metrics = &conn.shared.metrics;
+    metrics
+        .requests
+        .get_or_create(&telemetry::RequestLabels {
+            route: ctx.record.route.clone(),
+            status,
+        })
+        .inc();
+    metrics
+        .duration
+        .get_or_create(&telemetry::RouteLabels {
+            route: ctx.record.route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let record = ctx.record;
+    Ok(response.map(|body| body.with_access_log(record, started, Some(in_flight))))
+}
+
+/// Steps 0 to 5. Returns the upstream's response, or the rejection that stopped the request.
+async fn judge_and_forward(
+    ctx: &mut RequestContext<'_>,
+    parts: &mut Parts,
+    body: Incoming,
+    request_index: u64,
+) -> Result<Response<ResponseBody>, Rejection> {
+    let runtime = ctx.runtime;
+    let server = &runtime.config.server;
+
+    // 0. the request head: size, framing, a fragment the URI parser dropped
+    limits::check_head(parts, server.max_header_bytes)?;
+    if ctx.conn.fragments.had_fragment(request_index) {
+        return Err(Rejection::InvalidPath(path::PathError::Fragment));
+    }
+
+    // 1. normalize the path; the upstream gets exactly what is judged here
+    let normalized = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
+    ctx.record.path.clone_from(&normalized.path);
+
+    // 2. match the route
+    let route = runtime.routes.find(&normalized.match_path);
+    if let Some(route) = route {
+        ctx.record.route = route.label.clone();
+    }
+
+    // 3. policies, in SPEC's order
+    let body_limit = route.map_or(server.max_body_bytes, |r| r.max_body_bytes);
+    limits::check_body_framing(parts, body_limit)?;
+    let mut token = None;
+    if let Some(route) = route {
+        method::check(
+            &parts.method,
+            route.config.methods.as_deref(),
+            route.allow.as_ref(),
+        )?;
+        token = run_route_policies(ctx, route, parts).await?;
+    }
+
+    // 4. the upstream request
+    let upgrade =
+        forward::is_websocket_upgrade(&parts.headers) && parts.version == http::Version::HTTP_11;
+    let on_client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let upstream_request = build_upstream_request(
+        ctx,
+        parts,
+        &normalized.path,
+        host,
+        token.as_ref(),
+        upgrade,
+        body,
+        body_limit,
+    )?;
+
+    // 5. send it
+    let client = &runtime.upstreams[ctx.conn.worker % runtime.upstreams.len()];
+    let mut response = match client.send(upstream_request).await {
+        Ok(response) => response,
+        Err(rejection) => {
+            if let Rejection::Upstream(kind) = &rejection {
+                ctx.conn
+                    .shared
+                    .metrics
+                    .upstream_errors
+                    .get_or_create(&telemetry::KindLabels {
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+            }
+            return Err(rejection);
+        }
+    };
+    ctx.record.upstream_status = Some(response.status().as_u16());
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(on_client_upgrade) = on_client_upgrade
+    {
+        tunnel(on_client_upgrade, hyper::upgrade::on(&mut response));
+        let (parts, _) = response.into_parts();
+        return Ok(Response::from_parts(parts, ResponseBody::empty()));
+    }
+    forward::strip_hop_by_hop(response.headers_mut(), false);
+    Ok(response.map(ResponseBody::upstream))
+}
+
+/// The route's own policies after the method check: rate limit, JWT, rate
+/// limit by subject, scopes. Returns the verified token, if the route wants one.
+async fn run_route_policies(
+    ctx: &mut RequestContext<'_>,
+    route: &RouteRuntime,
+    parts: &Parts,
+) -> Result<Option<VerifiedToken>, Rejection> {
+    let limiter = route.limiter.as_deref();
+    let by_subject = limiter.is_some_and(|l| l.spec().key == rate_limit::KeySource::Sub);
+    if let Some(limiter) = limiter.filter(|_| !by_subject) {
+        let key =
+            rate_limit::limit_key(&limiter.spec().key, ctx.record.client, &parts.headers, None);
+        ctx.rate_limit_info = Some(limiter.check(&key).map_err(Rejection::RateLimited)?);
+    }
+    if !route.config.jwt {
+        return Ok(None);
+    }
+    let jwt = ctx
+        .runtime
+        .config
+        .jwt
+        .as_ref()
+        .ok_or(Rejection::MissingToken)?;
+    let token = match extract_token(&parts.headers, jwt.token_cookie.as_deref()) {
+        TokenSource::Found(token) => token,
+        TokenSource::Missing => return Err(Rejection::MissingToken),
+        TokenSource::Invalid => {
+            return Err(Rejection::InvalidToken(
+                crate::policy::jwt::TokenError::Malformed,
+            ));
+        }
+    };
+    let verified = jwt
+        .verifier
+        .verify(token)
+        .await
+        .map_err(Rejection::InvalidToken)?;
+    ctx.record.sub = verified.subject().map(str::to_owned);
+    if let Some(limiter) = limiter.filter(|_| by_subject) {
+        let key = match verified.subject() {
+            Some(sub) => LimitKey::Sub(sub.into()),
+            None => rate_limit::limit_key(
+                &rate_limit::KeySource::Ip,
+                ctx.record.client,
+                &parts.headers,
+                None,
+            ),
+        };
+        ctx.rate_limit_info = Some(limiter.check(&key).map_err(Rejection::RateLimited)?);
+    }
+    if !route.config.scopes.is_empty() {
+        scopes::check(&route.config.scopes, &verified.scopes())
+            .map_err(|missing| Rejection::InsufficientScope(missing.to_string()))?;
+    }
+    Ok(Some(verified))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_upstream_request(
+    ctx: &RequestContext<'_>,
+    parts: &mut Parts,
+    normalized_path: &str,
+    host: Option<HeaderValue>,
+    token: Option<&VerifiedToken>,
+    upgrade: bool,
+    body: Incoming,
+    body_limit: u64,
+) -> Result<Request<UpstreamBody>, Rejection> {
+    let runtime = ctx.runtime;
+    let uri = forward::upstream_uri(
+        &runtime.config.upstream.authority,
+        normalized_path,
+        parts.uri.query(),
+    )
+    .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?;
+    let mut headers = std::mem::take(&mut parts.headers);
+    // Hop-by-hop first: a client naming an identity header in `Connection`
+    // must not make the proxy drop the value it sets below.
+    forward::strip_hop_by_hop(&mut headers, upgrade);
+    forward::strip_identity_headers(&mut headers, &runtime.identity_headers);
+    let peer = ctx.conn.peer.ip();
+    let trusted = runtime
+        .config
+        .server
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer));
+    forward::set_forwarded_headers(&mut headers, peer, trusted, host.as_ref());
+    if let (Some(token), Some(jwt)) = (token, &runtime.config.jwt) {
+        for (claim, header) in &jwt.forward_claims {
+            if let Some(value) = token.claim_as_header_value(claim)
+                && let Ok(value) = HeaderValue::from_str(&value)
+            {
+                headers.insert(header.clone(), value);
+            }
+        }
+    }
+    if let Some(host) = host {
+        headers.insert(HOST, host);
+    }
+    forward::merge_cookie_headers(&mut headers);
+
+    let mut request = Request::new(limits::LimitedBody::new(body, body_limit));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Joins the client's and the upstream's upgraded connections (WebSocket).
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(%error, "tunnel closed");
+        }
+    });
+}
+
+/// Turns a rejection into the response, and records it (security event, metric).
+fn reject(ctx: &RequestContext<'_>, rejection: Rejection) -> Response<ResponseBody> {
+    if let Some(reason) = rejection.reason() {
+        ctx.conn
+            .shared
+            .metrics
+            .rejections
+            .get_or_create(&telemetry::ReasonLabels { reason })
+            .inc();
+    }
+    telemetry::security_event(&rejection, &ctx.record);
+    let close = !ctx.conn.is_h2
+        && matches!(
+            rejection,
+            Rejection::BadRequest(_) | Rejection::BodyTooLarge
+        );
+    let mut response = rejection.into_response().map(ResponseBody::full);
+    if close {
+        // The rest of this connection's bytes cannot be trusted to be framed
+        // as the client claims (smuggling), or are an unwanted body: close it.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}

@@ -1,0 +1,88 @@
+//! The HTTP→HTTPS redirect answered on `http_listen`: `308` to
+//! `https://HOST[:port]/path?query`; a missing or malformed `Host` is 400.
+//! Never HSTS here: browsers ignore it over plain HTTP, and it must only be
+//! learned from an authenticated connection.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST, LOCATION};
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+
+pub fn respond<B>(request: &Request<B>, https_port: Option<u16>) -> Response<Full<Bytes>> {
+    match location(request, https_port) {
+        Some(location) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+            response.headers_mut().insert(LOCATION, location);
+            response
+        }
+        None => {
+            let body = r#"{"error":"bad_request","message":"A valid Host header is required."}"#;
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+    }
+}
+
+/// The redirect target, or `None` when the Host is missing or malformed.
+pub fn location<B>(request: &Request<B>, https_port: Option<u16>) -> Option<HeaderValue> {
+    let host = request.headers().get(HOST)?.to_str().ok()?;
+    let authority: Authority = host.parse().ok()?;
+    if host.contains('@') || authority.host().is_empty() || host.contains(['/', '?', '#', '\\']) {
+        return None;
+    }
+    let mut target = String::with_capacity(host.len() + 64);
+    target.push_str("https://");
+    target.push_str(&authority.host().to_ascii_lowercase());
+    if let Some(port) = https_port {
+        target.push(':');
+        target.push_str(&port.to_string());
+    }
+    let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if !path_and_query.starts_with('/') {
+        target.push('/');
+    }
+    target.push_str(path_and_query);
+    HeaderValue::from_str(&target).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: Option<&str>, target: &str) -> Request<()> {
+        let mut builder = Request::builder().uri(target);
+        if let Some(host) = host {
+            builder = builder.header(HOST, host);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn redirects() {
+        let loc = |host, target, port| {
+            location(&req(host, target), port).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            loc(Some("example.com"), "/a?b=1", None).as_deref(),
+            Some("https://example.com/a?b=1")
+        );
+        assert_eq!(
+            loc(Some("example.com:8080"), "/", Some(8443)).as_deref(),
+            Some("https://example.com:8443/")
+        );
+        assert_eq!(
+            loc(Some("[::1]:8080"), "/x", Some(8443)).as_deref(),
+            Some("https://[::1]:8443/x")
+        );
+        assert_eq!(loc(None, "/", None), None);
+        assert_eq!(loc(Some("evil.com/x"), "/", None), None);
+        assert_eq!(loc(Some("user@evil.com"), "/", None), None);
+        assert_eq!(loc(Some(""), "/", None), None);
+    }
+}

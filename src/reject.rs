@@ -1,0 +1,181 @@
+//! Every answer the proxy writes itself instead of forwarding.
+//!
+//! One enum carries the status, the JSON error code, the security-log
+//! `reason` and the extra headers, so the body a client sees, the event an
+//! operator reads and the rejection metric come from one place and cannot
+//! drift apart.
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::path::PathError;
+use crate::policy::jwt::TokenError;
+use crate::policy::rate_limit::RateLimited;
+
+/// Why the upstream leg failed; the `kind` label of `portcullis_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Rejection {
+    InvalidPath(PathError),
+    /// A request that cannot be forwarded safely (ambiguous framing, bad Host...).
+    BadRequest(&'static str),
+    MissingToken,
+    InvalidToken(TokenError),
+    InsufficientScope(String),
+    Csrf,
+    MethodNotAllowed(HeaderValue),
+    BodyTooLarge,
+    UnsupportedMediaType,
+    Schema(String),
+    RateLimited(RateLimited),
+    RateLimitUnavailable,
+    HeaderTooLarge,
+    Upstream(UpstreamErrorKind),
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::InvalidPath(_) | Rejection::BadRequest(_) | Rejection::Schema(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Rejection::MissingToken | Rejection::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            Rejection::InsufficientScope(_) | Rejection::Csrf => StatusCode::FORBIDDEN,
+            Rejection::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejection::Upstream(UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The `error` field of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::InvalidPath(_) => "invalid_path",
+            Rejection::BadRequest(_) => "bad_request",
+            Rejection::MissingToken => "missing_token",
+            Rejection::InvalidToken(_) => "invalid_token",
+            Rejection::InsufficientScope(_) => "insufficient_scope",
+            Rejection::Csrf => "csrf",
+            Rejection::MethodNotAllowed(_) => "method_not_allowed",
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::Schema(_) => "schema",
+            Rejection::RateLimited(_) => "rate_limited",
+            Rejection::RateLimitUnavailable => "rate_limit_unavailable",
+            Rejection::HeaderTooLarge => "header_too_large",
+            Rejection::Upstream(UpstreamErrorKind::Timeout) => "upstream_timeout",
+            Rejection::Upstream(_) => "upstream_unreachable",
+        }
+    }
+
+    /// The security event's `reason`; `None` for failures that are not a
+    /// judgement on the client (the upstream's faults).
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            Rejection::Upstream(_) | Rejection::RateLimitUnavailable => None,
+            Rejection::BadRequest(_) => Some("invalid_request"),
+            other => Some(other.code()),
+        }
+    }
+
+    /// A detail for the security log only (never the client): why a token failed, say.
+    pub fn detail(&self) -> Option<&'static str> {
+        match self {
+            Rejection::InvalidToken(e) => Some(e.detail()),
+            Rejection::InvalidPath(e) => Some(e.message()),
+            Rejection::BadRequest(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Rejection::InvalidPath(e) => {
+                format!("The request path is not acceptable: {}.", e.message())
+            }
+            Rejection::BadRequest(why) => format!("The request is malformed: {why}."),
+            Rejection::MissingToken => "This resource needs a bearer token.".into(),
+            Rejection::InvalidToken(_) => "The bearer token is not valid.".into(),
+            Rejection::InsufficientScope(scopes) => {
+                format!("The token lacks a required scope ({scopes}).")
+            }
+            Rejection::Csrf => "Cross-origin request refused.".into(),
+            Rejection::MethodNotAllowed(_) => "This method is not allowed here.".into(),
+            Rejection::BodyTooLarge => "The request body is too large.".into(),
+            Rejection::UnsupportedMediaType => "The request body must be JSON.".into(),
+            Rejection::Schema(why) => format!("The request body does not match the schema: {why}"),
+            Rejection::RateLimited(_) => "Too many requests; retry later.".into(),
+            Rejection::RateLimitUnavailable => {
+                "The rate limiter is unavailable; retry later.".into()
+            }
+            Rejection::HeaderTooLarge => "The request headers are too large.".into(),
+            Rejection::Upstream(UpstreamErrorKind::Timeout) => {
+                "The application did not answer in time.".into()
+            }
+            Rejection::Upstream(_) => "The application is unreachable.".into(),
+        }
+    }
+
+    /// The JSON response. Response filters (HSTS, security headers) are
+    /// applied by the pipeline afterwards, as on any other response.
+    pub fn into_response(self) -> Response<Bytes> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        let mut response = Response::new(Bytes::from(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match self {
+            Rejection::MissingToken => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Rejection::InvalidToken(_) => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                );
+            }
+            Rejection::InsufficientScope(scopes) => {
+                let value = format!(r#"Bearer error="insufficient_scope", scope="{scopes}""#);
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(WWW_AUTHENTICATE, value);
+                }
+            }
+            Rejection::MethodNotAllowed(allow) => {
+                headers.insert(ALLOW, allow);
+            }
+            Rejection::RateLimited(limited) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(limited.retry_after_secs));
+                for (name, value) in limited.info.header_values() {
+                    headers.insert(name, value);
+                }
+            }
+            Rejection::RateLimitUnavailable => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,123 @@
+//! The ready-to-serve state built from a validated [`Config`]: route table
+//! with limiters, response filters, TLS acceptor, one upstream pool per
+//! worker. Built once per configuration and swapped whole on reload
+//! ([`Shared::runtime`] is an `ArcSwap`), so a request sees one consistent
+//! generation from start to end.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::filters::ResponseFilters;
+use crate::policy::method;
+use crate::policy::rate_limit::RouteLimiter;
+use crate::routes::{RouteRuntime, RouteTable};
+use crate::telemetry::Metrics;
+use crate::upstream::UpstreamClient;
+
+pub struct Runtime {
+    pub config: Config,
+    pub tls: TlsAcceptor,
+    pub routes: RouteTable,
+    pub filters: ResponseFilters,
+    /// Indexed by worker.
+    pub upstreams: Vec<UpstreamClient>,
+    /// `forward_claims` header names, removed from every client request.
+    pub identity_headers: Vec<HeaderName>,
+}
+
+impl Runtime {
+    /// Builds the runtime. `previous` lets a reload keep what did not change:
+    /// a route's limiter (and its counts) when its limit is the same, and the
+    /// upstream pools when `[upstream]` is the same.
+    pub fn build(
+        config: Config,
+        workers: usize,
+        previous: Option<&Runtime>,
+    ) -> anyhow::Result<Self> {
+        let tls = TlsAcceptor::from(crate::tls::server_config(&config.tls)?);
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let reused = previous.and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|old| old.config.path == route.path)
+                        .and_then(|old| old.limiter.clone())
+                        .filter(|old| Some(old.spec()) == route.rate_limit.as_ref())
+                });
+                let limiter = reused.or_else(|| {
+                    route
+                        .rate_limit
+                        .clone()
+                        .map(|spec| Arc::new(RouteLimiter::new(spec)))
+                });
+                RouteRuntime {
+                    label: Arc::from(route.path.as_str()),
+                    allow: route.methods.as_deref().and_then(method::allow_header),
+                    limiter,
+                    max_body_bytes: route.max_body_bytes.unwrap_or(config.server.max_body_bytes),
+                    config: route.clone(),
+                }
+            })
+            .collect();
+        let upstreams = match previous {
+            Some(p) if p.config.upstream == config.upstream && p.upstreams.len() == workers => {
+                p.upstreams.clone()
+            }
+            _ => (0..workers.max(1))
+                .map(|_| UpstreamClient::new(&config.upstream))
+                .collect(),
+        };
+        let identity_headers = config
+            .jwt
+            .as_ref()
+            .map(|jwt| jwt.forward_claims.iter().map(|(_, h)| h.clone()).collect())
+            .unwrap_or_default();
+        Ok(Runtime {
+            filters: ResponseFilters::from_config(&config),
+            tls,
+            routes: RouteTable::new(routes),
+            upstreams,
+            identity_headers,
+            config,
+        })
+    }
+}
+
+/// State shared by every worker for the life of the process.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    /// `max_connections`: an accept loop takes a permit before accepting, so
+    /// connections beyond the limit wait in the kernel backlog.
+    pub permits: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them to drain.
+    pub connections: TaskTracker,
+    pub listeners_ready: AtomicBool,
+    pub workers: usize,
+}
+
+impl Shared {
+    pub fn new(runtime: Runtime, workers: usize) -> Arc<Self> {
+        let max_connections = runtime.config.server.max_connections;
+        Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics: Metrics::new(),
+            permits: Arc::new(Semaphore::new(max_connections)),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            listeners_ready: AtomicBool::new(false),
+            workers,
+        })
+    }
+}

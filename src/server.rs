@@ -1,0 +1,506 @@
+//! Listeners, workers, connections and shutdown.
+//!
+//! The HTTPS port is served by N worker threads (one per core by default),
+//! each with its own single-threaded tokio runtime and its own
+//! `SO_REUSEPORT` listener on the same address, so the kernel spreads
+//! connections across cores and a request never changes threads. The main
+//! thread runs a small control runtime: signals, the HTTP→HTTPS redirect
+//! listener, the admin listener and periodic maintenance.
+//!
+//! Shutdown follows tokio's mini-redis: stop accepting, tell every
+//! connection to finish (hyper's graceful shutdown), wait for them up to
+//! `shutdown_timeout`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::{Domain, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::config::Config;
+use crate::connection::{Activity, ActivityIo, ConnInfo, Expiry};
+use crate::fragment::{FragmentLog, FragmentSniffer};
+use crate::runtime::{Runtime, Shared};
+use crate::telemetry;
+
+/// Binds a listening socket. `reuse_port` lets every worker bind the same address.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// One listener per worker on the same address; the first resolves port 0.
+fn bind_workers(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let first = bind(addr, true).with_context(|| format!("cannot listen on {addr}"))?;
+    let actual = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(bind(actual, true).with_context(|| format!("cannot listen on {actual}"))?);
+    }
+    Ok(listeners)
+}
+
+/// Runs the proxy until SIGTERM/SIGINT. Reloads on SIGHUP.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let workers = config.server.workers;
+    let https = bind_workers(config.server.https_listen, workers)?;
+    let https_addr = https[0].local_addr()?;
+    let http = match config.server.http_listen {
+        Some(addr) => Some(bind(addr, false).with_context(|| format!("cannot listen on {addr}"))?),
+        None => None,
+    };
+    let admin = match config.server.admin_listen {
+        Some(addr) => Some(bind(addr, false).with_context(|| format!("cannot listen on {addr}"))?),
+        None => None,
+    };
+    let config_path = config.path.clone();
+    let runtime = Runtime::build(config, workers, None)?;
+    let shared = Shared::new(runtime, workers);
+
+    eprintln!("portcullis: https listening on {https_addr}");
+    if let Some(http) = &http {
+        eprintln!(
+            "portcullis: http (redirect) listening on {}",
+            http.local_addr()?
+        );
+    }
+    if let Some(admin) = &admin {
+        eprintln!("portcullis: admin listening on {}", admin.local_addr()?);
+    }
+
+    let mut threads = Vec::new();
+    for (worker, listener) in https.into_iter().enumerate() {
+        let shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("portcullis-w{worker}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot start a worker runtime");
+                            shared.shutdown.cancel();
+                            return;
+                        }
+                    };
+                    rt.block_on(worker_loop(worker, listener, shared));
+                })?,
+        );
+    }
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    control.block_on(async move {
+        if let Some(jwt) = &shared.runtime.load().config.jwt {
+            jwt.verifier.start_background();
+        }
+        if let Some(http) = http {
+            tokio::spawn(redirect_loop(
+                TcpListener::from_std(http)?,
+                shared.clone(),
+                https_addr.port(),
+            ));
+        }
+        if let Some(admin) = admin {
+            tokio::spawn(crate::admin::serve(
+                TcpListener::from_std(admin)?,
+                shared.clone(),
+            ));
+        }
+        tokio::spawn(maintenance(shared.clone()));
+        shared.listeners_ready.store(true, Ordering::Release);
+        wait_for_signals(&shared, &config_path).await;
+        drain(&shared).await;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+async fn wait_for_signals(shared: &Arc<Shared>, config_path: &std::path::Path) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        shared.shutdown.cancelled().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = shared.shutdown.cancelled() => break,
+            _ = hup.recv() => reload(shared, config_path),
+        }
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+}
+
+/// SIGHUP: a new configuration replaces the running one only if it validates.
+pub fn reload(shared: &Arc<Shared>, config_path: &std::path::Path) {
+    let current = shared.runtime.load_full();
+    let config = match crate::config::load(config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(error = %error, "reload rejected; the running configuration stays in force");
+            return;
+        }
+    };
+    let old = &current.config.server;
+    let new = &config.server;
+    if old.https_listen != new.https_listen
+        || old.http_listen != new.http_listen
+        || old.admin_listen != new.admin_listen
+        || old.max_connections != new.max_connections
+        || old.workers != new.workers
+    {
+        tracing::warn!("listen addresses, max_connections and workers change only on restart");
+    }
+    match Runtime::build(config, shared.workers, Some(&current)) {
+        Ok(runtime) => {
+            if let Some(jwt) = &runtime.config.jwt {
+                jwt.verifier.start_background();
+            }
+            shared.runtime.store(Arc::new(runtime));
+            tracing::info!("configuration reloaded");
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "reload rejected; the running configuration stays in force")
+        }
+    }
+}
+
+async fn drain(shared: &Arc<Shared>) {
+    shared.shutdown.cancel();
+    shared.connections.close();
+    let timeout = shared.runtime.load().config.server.shutdown_timeout;
+    if tokio::time::timeout(timeout, shared.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?timeout,
+            "shutdown_timeout reached with requests still in flight; closing them"
+        );
+    }
+}
+
+/// Periodic upkeep: rate-limiter sweeps.
+async fn maintenance(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let runtime = shared.runtime.load_full();
+        for route in runtime.routes.iter() {
+            if let Some(limiter) = &route.limiter {
+                limiter.sweep();
+            }
+        }
+    }
+}
+
+fn http_builder(runtime: &Runtime) -> auto::Builder<TokioExecutor> {
+    let server = &runtime.config.server;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        // Our own check answers 431 with the JSON error up to twice the
+        // limit; hyper's bare 431 is only the backstop for larger heads.
+        .max_buf_size((server.max_header_bytes * 2 + 4096).max(8192))
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size((server.max_header_bytes * 2) as u32)
+        .keep_alive_interval(None);
+    builder
+}
+
+async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc<Shared>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, worker, "cannot register the listener");
+            shared.shutdown.cancel();
+            return;
+        }
+    };
+    let builder = Arc::new(http_builder(&shared.runtime.load()));
+    loop {
+        let permit = tokio::select! {
+            permit = shared.permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let shared_for_task = shared.clone();
+        let builder = builder.clone();
+        shared.connections.spawn(serve_https(
+            tcp,
+            peer,
+            permit,
+            worker,
+            shared_for_task,
+            builder,
+        ));
+    }
+}
+
+/// Decrements the active-connection gauge however the connection ends.
+struct ActiveConnection<'a>(&'a Shared);
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.active_connections.dec();
+    }
+}
+
+async fn serve_https(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    worker: usize,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    shared.metrics.active_connections.inc();
+    let _active = ActiveConnection(&shared);
+    let runtime = shared.runtime.load_full();
+    let header_timeout = runtime.config.server.header_read_timeout;
+    let idle_timeout = runtime.config.server.idle_timeout;
+
+    // TLS handshake, bounded by the header timeout (a client that connects
+    // and never starts one must not hold a connection slot).
+    let handshake = async {
+        let mut tcp = tcp;
+        if refuse_plain_http(&mut tcp).await {
+            return None;
+        }
+        runtime.tls.accept(tcp).await.ok()
+    };
+    let tls = match tokio::time::timeout(header_timeout, handshake).await {
+        Ok(Some(tls)) => tls,
+        Ok(None) => return,
+        Err(_) => {
+            record_connection_rejection(
+                &shared,
+                "header_timeout",
+                peer,
+                Some("TLS handshake not completed"),
+            );
+            return;
+        }
+    };
+    drop(runtime);
+    let (_, session) = tls.get_ref();
+    let version = crate::tls::version_label(session.protocol_version());
+    let is_h2 = session.alpn_protocol() == Some(b"h2");
+    shared
+        .metrics
+        .tls_handshakes
+        .get_or_create(&telemetry::VersionLabels { version })
+        .inc();
+
+    let activity = Activity::new(!is_h2);
+    let fragments = FragmentLog::new();
+    let io = ActivityIo::new(
+        FragmentSniffer::new(tls, fragments.clone()),
+        activity.clone(),
+    );
+    let info = Arc::new(ConnInfo::new(
+        shared.clone(),
+        worker,
+        peer,
+        version,
+        is_h2,
+        fragments,
+        activity.clone(),
+    ));
+    let service = service_fn(move |request| crate::pipeline::handle(request, info.clone()));
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+
+    let mut closing = false;
+    loop {
+        let (deadline, expiry) = activity.deadline(header_timeout, idle_timeout);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    connection_error(&shared, peer, &*error);
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let (now_deadline, now_expiry) = activity.deadline(header_timeout, idle_timeout);
+                if now_expiry != expiry || now_deadline > tokio::time::Instant::now() {
+                    continue;
+                }
+                match expiry {
+                    Some(Expiry::HeaderTimeout) => {
+                        record_connection_rejection(&shared, "header_timeout", peer, Some("request head not completed"));
+                        return;
+                    }
+                    Some(Expiry::Idle) if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    // Already closing and still not done: stop waiting.
+                    Some(Expiry::Idle) => return,
+                    None => {}
+                }
+            }
+            _ = shared.shutdown.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// A plain-HTTP client on the HTTPS port gets a 400 that says to use
+/// https:// instead of a TLS alert it cannot read. A TLS client's first byte
+/// is 0x16 (handshake record); an HTTP method starts with an upper-case letter.
+async fn refuse_plain_http(tcp: &mut TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(1) if first[0].is_ascii_uppercase() => {}
+        _ => return false,
+    }
+    let body =
+        r#"{"error":"bad_request","message":"This port speaks HTTPS; use https:// in the URL."}"#;
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    true
+}
+
+fn record_connection_rejection(
+    shared: &Shared,
+    reason: &'static str,
+    peer: SocketAddr,
+    detail: Option<&str>,
+) {
+    shared
+        .metrics
+        .rejections
+        .get_or_create(&telemetry::ReasonLabels { reason })
+        .inc();
+    telemetry::security_event_with(reason, detail, peer.ip(), None);
+}
+
+fn connection_error(shared: &Shared, peer: SocketAddr, error: &(dyn std::error::Error + 'static)) {
+    if let Some(hyper_error) = error.downcast_ref::<hyper::Error>() {
+        if hyper_error.is_parse_too_large() {
+            record_connection_rejection(
+                shared,
+                "header_too_large",
+                peer,
+                Some("request head over the parser's limit"),
+            );
+            return;
+        }
+        if hyper_error.is_timeout() {
+            record_connection_rejection(shared, "header_timeout", peer, None);
+            return;
+        }
+    }
+    tracing::debug!(%error, %peer, "connection ended with an error");
+}
+
+/// The HTTP listener: every request gets a 308 to the same URL on HTTPS.
+async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, https_port: u16) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed on the HTTP listener");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        shared.clone().connections.spawn(async move {
+            let runtime = shared.runtime.load_full();
+            let port = Some(
+                runtime
+                    .config
+                    .server
+                    .redirect_https_port
+                    .unwrap_or(https_port),
+            )
+            .filter(|p| *p != 443);
+            let timeout = runtime.config.server.header_read_timeout;
+            drop(runtime);
+            let service = service_fn(move |request| async move {
+                Ok::<_, std::convert::Infallible>(crate::redirect::respond(&request, port))
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .keep_alive(true);
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %peer, "redirect connection ended with an error");
+                    }
+                }
+                _ = shared.shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}

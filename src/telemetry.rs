@@ -1,0 +1,242 @@
+//! What the proxy tells its operator: the access log (one event per
+//! request), security events (one per rejection), diagnostics, and the
+//! Prometheus metrics served on the admin listener.
+//!
+//! Access and security events go to standard output (one JSON object per
+//! line in `json` format); everything else goes to standard error, so that
+//! standard output can be shipped to a log pipeline untouched.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{FilterFn, LevelFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::reject::Rejection;
+
+/// Targets whose events are the operator's records, written to standard output.
+pub const ACCESS: &str = "access";
+pub const SECURITY: &str = "security";
+
+/// Installs the global subscriber. Called once per process.
+pub fn init(json: bool, level: &str) {
+    let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
+    let is_record =
+        |meta: &tracing::Metadata<'_>| meta.target() == ACCESS || meta.target() == SECURITY;
+    let records = FilterFn::new(move |meta| is_record(meta));
+    let diagnostics = FilterFn::new(move |meta| !is_record(meta));
+    let (stdout_layer, stderr_layer) = if json {
+        (
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stdout)
+                .with_filter(records)
+                .boxed(),
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
+                .with_filter(diagnostics)
+                .boxed(),
+        )
+    } else {
+        (
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stdout)
+                .with_filter(records)
+                .boxed(),
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(diagnostics)
+                .boxed(),
+        )
+    };
+    // A second init (tests, demo) is harmless: the first subscriber stays.
+    let _ = tracing_subscriber::registry()
+        .with(stdout_layer.and_then(stderr_layer).with_filter(level))
+        .try_init();
+}
+
+/// What the access log records about one request; filled in as the request
+/// goes through the pipeline and written when its response body ends.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    pub client: IpAddr,
+    pub method: http::Method,
+    /// The normalized path, or the raw one when it was rejected; never the query.
+    pub path: String,
+    pub route: Arc<str>,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub tls: &'static str,
+    pub sub: Option<String>,
+}
+
+impl AccessRecord {
+    pub fn emit(&self, bytes: u64, duration: Duration) {
+        tracing::info!(
+            target: ACCESS,
+            client = %self.client,
+            method = %self.method,
+            path = %self.path,
+            route = %self.route,
+            status = self.status,
+            bytes,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            upstream_status = self.upstream_status,
+            tls = self.tls,
+            sub = self.sub.as_deref(),
+        );
+    }
+}
+
+/// Writes the security event for a rejection. Never includes tokens, cookies or query values.
+pub fn security_event(rejection: &Rejection, record: &AccessRecord) {
+    if let Some(reason) = rejection.reason() {
+        security_event_with(reason, rejection.detail(), record.client, Some(record));
+    }
+}
+
+/// A security event outside a request (a handshake or header timeout, say).
+pub fn security_event_with(
+    reason: &'static str,
+    detail: Option<&str>,
+    client: IpAddr,
+    record: Option<&AccessRecord>,
+) {
+    tracing::warn!(
+        target: SECURITY,
+        reason,
+        client = %client,
+        method = record.map(|r| tracing::field::display(&r.method)),
+        path = record.map(|r| r.path.as_str()),
+        route = record.map(|r| &*r.route),
+        detail,
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Arc<str>,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+/// The process's metrics. Shared by every worker; lives as long as the process
+/// (a reload keeps the counts).
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub upstream_errors: Family<KindLabels, Counter>,
+    pub rejections: Family<ReasonLabels, Counter>,
+    pub active_connections: Gauge<i64, AtomicI64>,
+    pub tls_handshakes: Family<VersionLabels, Counter>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let upstream_errors = Family::<KindLabels, Counter>::default();
+        let rejections = Family::<ReasonLabels, Counter>::default();
+        let active_connections = Gauge::<i64, AtomicI64>::default();
+        let tls_handshakes = Family::<VersionLabels, Counter>::default();
+        let mut registry = Registry::with_prefix("portcullis");
+        registry.register(
+            "requests",
+            "Requests answered, by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head, by route",
+            duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failures talking to the upstream, by kind (connect, timeout, reset)",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Requests refused by a policy, by reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Client connections currently open",
+            active_connections.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Completed TLS handshakes, by protocol version",
+            tls_handshakes.clone(),
+        );
+        Metrics {
+            requests,
+            duration,
+            upstream_errors,
+            rejections,
+            active_connections,
+            tls_handshakes,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,71 @@
+//! TLS termination: the rustls server configuration built from `[tls]`.
+//!
+//! Only TLS 1.2 and 1.3 are ever offered; rustls has no CBC, RC4 or static-RSA
+//! suites, so every suite it offers is an AEAD with forward secrecy. Server
+//! names pick a certificate from `[[tls.sni]]`, falling back to the default
+//! one. Session tickets and a session cache are on, so returning clients
+//! resume instead of paying for a full handshake.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{Tls, TlsVersion};
+
+/// Chooses the certificate by SNI name; the default for unknown or absent names.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<CertifiedKey>,
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = hello
+            .server_name()
+            .and_then(|name| self.by_name.get(name))
+            .unwrap_or(&self.default);
+        Some(chosen.clone())
+    }
+}
+
+/// Builds the server configuration. Fails only if the crypto provider refuses
+/// the protocol versions, which a validated [`Tls`] never asks for.
+pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let resolver = SniResolver {
+        default: tls.default_cert.clone(),
+        by_name: tls
+            .sni
+            .iter()
+            .map(|sni| (sni.server_name.clone(), sni.cert.clone()))
+            .collect(),
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = tls.alpn.clone();
+    config.session_storage = ServerSessionMemoryCache::new(16 * 1024);
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    // TLS 1.3 tickets are sent after the handshake; two lets a browser open a
+    // second connection with resumption too.
+    config.send_tls13_tickets = 2;
+    Ok(Arc::new(config))
+}
+
+/// The `tls` field of the access log and the `version` label of the handshake metric.
+pub fn version_label(version: Option<rustls::ProtocolVersion>) -> &'static str {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,629 @@
+//! Test harness: starts the real `portcullis` binary on loopback ports with a
+//! generated certificate and configuration, a recording upstream it forwards
+//! to, and real TLS clients (rustls) that speak HTTP/1.1 and HTTP/2 to it.
+//! Nothing here sleeps to synchronise: waits poll with a deadline.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// Polls `check` until it is true or `within` has passed.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A self-signed certificate for the given names, written as `<stem>.pem` / `<stem>.key`.
+pub struct TestCert {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub der: CertificateDer<'static>,
+    pub pem: String,
+}
+
+pub fn make_cert(dir: &Path, stem: &str, names: &[&str]) -> TestCert {
+    let certified =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("generate certificate");
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+    TestCert {
+        cert_path,
+        key_path,
+        der: certified.cert.der().clone(),
+        pem: certified.cert.pem(),
+    }
+}
+
+/// Pieces of `proxy.toml` a test adds to the generated one.
+#[derive(Default, Clone)]
+pub struct ProxyConfig {
+    /// Extra lines inside `[server]`.
+    pub server: String,
+    /// Extra lines inside `[tls]`.
+    pub tls: String,
+    /// Extra lines inside `[upstream]`.
+    pub upstream: String,
+    /// Other sections (`[hsts]`, `[[routes]]`, ...), written after the rest.
+    pub rest: String,
+    pub env: Vec<(String, String)>,
+    /// Leave out `http_listen` / `admin_listen`.
+    pub no_http: bool,
+}
+
+pub struct Proxy {
+    pub child: Option<Child>,
+    pub https: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub dir: tempfile::TempDir,
+    pub cert: TestCert,
+    pub config_path: PathBuf,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    /// Starts the proxy in front of `upstream` and waits until it listens.
+    pub async fn start(upstream: SocketAddr, config: ProxyConfig) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = make_cert(dir.path(), "cert", &["localhost", "127.0.0.1", "::1"]);
+        let listeners = if config.no_http {
+            String::new()
+        } else {
+            "http_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n".to_string()
+        };
+        let toml = format!(
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\n{listeners}workers = 2\n{}\n\n[tls]\ncert = \"cert.pem\"\nkey = \"cert.key\"\n{}\n\n[upstream]\nurl = \"http://{upstream}\"\n{}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{}\n",
+            config.server, config.tls, config.upstream, config.rest
+        );
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        Self::spawn(dir, cert, config_path, &config.env).await
+    }
+
+    /// Starts the binary on an existing config file in `dir`.
+    pub async fn spawn(
+        dir: tempfile::TempDir,
+        cert: TestCert,
+        config_path: PathBuf,
+        env: &[(String, String)],
+    ) -> Proxy {
+        let mut command = Command::new(BIN);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("PORTCULLIS_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start portcullis");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump(child.stdout.take().unwrap(), stdout.clone());
+        pump(child.stderr.take().unwrap(), stderr.clone());
+        let mut proxy = Proxy {
+            child: Some(child),
+            https: "127.0.0.1:1".parse().unwrap(),
+            http: None,
+            admin: None,
+            dir,
+            cert,
+            config_path,
+            stdout,
+            stderr,
+        };
+        let found = eventually(Duration::from_secs(20), || {
+            proxy.find_addr("https listening on").is_some() || proxy.exited()
+        })
+        .await;
+        let Some(https) = proxy.find_addr("https listening on") else {
+            panic!(
+                "proxy did not start (found={found}); stderr:\n{}",
+                proxy.stderr_text()
+            );
+        };
+        proxy.https = https;
+        proxy.http = proxy.find_addr("http (redirect) listening on");
+        proxy.admin = proxy.find_addr("admin listening on");
+        proxy
+    }
+
+    fn find_addr(&self, marker: &str) -> Option<SocketAddr> {
+        self.stderr.lock().unwrap().iter().find_map(|line| {
+            line.split_once(marker)
+                .and_then(|(_, rest)| rest.trim().parse().ok())
+        })
+    }
+
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Every JSON line on stdout so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|_| panic!("stdout line is not JSON: {line}"))
+            })
+            .collect()
+    }
+
+    /// Waits for an event matching `pred` on stdout.
+    pub async fn wait_event(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let mut found = None;
+        eventually(Duration::from_secs(10), || {
+            found = self.events().into_iter().find(|e| pred(e));
+            found.is_some()
+        })
+        .await;
+        found.unwrap_or_else(|| {
+            panic!(
+                "no matching event; stdout:\n{}",
+                self.stdout.lock().unwrap().join("\n")
+            )
+        })
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let mut code = None;
+        let child = self.child.as_mut()?;
+        eventually(within, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                code = status.code();
+                true
+            } else {
+                false
+            }
+        })
+        .await;
+        code
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
+    pub fn client(&self) -> TlsClient {
+        TlsClient::new(&self.cert, self.https)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn pump(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            match line {
+                Ok(line) => into.lock().unwrap().push(line),
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+/// A rustls client that trusts the proxy's test certificate.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub addr: SocketAddr,
+    pub roots: Arc<rustls::RootCertStore>,
+    pub server_name: String,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("body is not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl TlsClient {
+    pub fn new(cert: &TestCert, addr: SocketAddr) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der.clone()).unwrap();
+        TlsClient {
+            addr,
+            roots: Arc::new(roots),
+            server_name: "localhost".into(),
+        }
+    }
+
+    pub fn config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config
+    }
+
+    pub async fn connect_with(
+        &self,
+        config: rustls::ClientConfig,
+        server_name: &str,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let connector = TlsConnector::from(Arc::new(config));
+        let name = ServerName::try_from(server_name.to_string()).unwrap();
+        connector.connect(name, tcp).await
+    }
+
+    pub async fn connect(&self, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+        let config = self.config(rustls::DEFAULT_VERSIONS, alpn);
+        self.connect_with(config, &self.server_name.clone())
+            .await
+            .expect("TLS connect")
+    }
+
+    /// An HTTP/1.1 connection; send several requests on it.
+    pub async fn h1(&self) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let tls = self.connect(&[b"http/1.1"]).await;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        sender
+    }
+
+    pub async fn h2(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let tls = self.connect(&[b"h2"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// One request on a fresh HTTP/1.1 connection.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        let mut sender = self.h1().await;
+        send(&mut sender, method, path, headers, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.request(Method::GET, path, &[], Bytes::new()).await
+    }
+
+    /// Writes raw bytes over TLS (HTTP/1.1) and reads until the server closes
+    /// or is silent for `quiet`.
+    pub async fn raw(&self, bytes: &[u8], quiet: Duration) -> String {
+        let mut tls = self.connect(&[b"http/1.1"]).await;
+        tls.write_all(bytes).await.unwrap();
+        read_until_quiet(&mut tls, quiet).await
+    }
+}
+
+pub async fn read_until_quiet(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    quiet: Duration,
+) -> String {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(quiet, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut builder = Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", "localhost");
+    }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(Full::new(body.into())).unwrap();
+    let response = sender.send_request(request).await.expect("send request");
+    collect(response).await
+}
+
+pub async fn collect(response: Response<Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// One request the recording upstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Path and query exactly as received on the wire.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    /// The body when it is small (under 64 KiB).
+    pub body: Vec<u8>,
+}
+
+/// A plain-HTTP upstream that records every request and answers by path:
+/// `/status/N`, `/delay/MS`, `/set-cookie?raw` (the raw query, percent-decoded,
+/// one `Set-Cookie` per `&` part), `/download/N`; anything else `200 ok`.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<VecDeque<Recorded>>>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(VecDeque::new()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let upstream = Upstream {
+            addr,
+            requests: requests.clone(),
+            connections: connections.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let requests = requests.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(answer_recorded(req, requests).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        upstream
+    }
+
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().iter().cloned().collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests
+            .lock()
+            .unwrap()
+            .back()
+            .cloned()
+            .expect("upstream received a request")
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+async fn answer_recorded(
+    req: Request<Incoming>,
+    requests: Arc<Mutex<VecDeque<Recorded>>>,
+) -> Response<BoxBody> {
+    let (parts, mut body) = req.into_parts();
+    let mut body_len = 0u64;
+    let mut small = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(data) = frame.data_ref() {
+            body_len += data.len() as u64;
+            if small.len() < 64 * 1024 {
+                small.extend_from_slice(&data[..data.len().min(64 * 1024 - small.len())]);
+            }
+        }
+    }
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_default();
+    requests.lock().unwrap().push_back(Recorded {
+        method: parts.method.clone(),
+        target: target.clone(),
+        headers: parts.headers.clone(),
+        body_len,
+        body: small,
+    });
+    let path = parts.uri.path();
+    let full = |status: u16, text: &str| {
+        let mut r = Response::new(
+            Full::new(Bytes::from(text.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        r
+    };
+    if let Some(code) = path.strip_prefix("/status/") {
+        return full(code.parse().unwrap_or(400), "status");
+    }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return full(200, "delayed");
+    }
+    if path == "/set-cookie" {
+        let mut r = full(200, "cookies");
+        for part in parts.uri.query().unwrap_or("").split('&') {
+            let decoded = percent_decode(part);
+            r.headers_mut()
+                .append("set-cookie", decoded.parse().unwrap());
+        }
+        return r;
+    }
+    if let Some(n) = path.strip_prefix("/download/") {
+        let total: u64 = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(0u64, move |sent| {
+            let chunk = chunk.clone();
+            async move {
+                if sent >= total {
+                    return None;
+                }
+                let n = (total - sent).min(chunk.len() as u64);
+                Some((
+                    Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.slice(..n as usize))),
+                    sent + n,
+                ))
+            }
+        });
+        let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+        r.headers_mut().insert("content-length", total.into());
+        return r;
+    }
+    let mut r = full(200, "ok");
+    r.headers_mut()
+        .insert("server", "recording-upstream".parse().unwrap());
+    r.headers_mut()
+        .insert("x-powered-by", "tests".parse().unwrap());
+    r
+}
+
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(
+                std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                16,
+            ) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An address nothing listens on (bound then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}

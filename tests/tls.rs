@@ -1,0 +1,138 @@
+//! SPEC "What a client sees" → TLS: versions, ALPN, SNI, plain HTTP on the HTTPS port.
+
+mod common;
+
+use common::{Proxy, ProxyConfig, TlsClient, Upstream, make_cert};
+use http::Method;
+
+#[tokio::test]
+async fn tls12_and_tls13_succeed_and_http2_is_served() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let client = proxy.client();
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let config = client.config(&[version], &[b"http/1.1"]);
+        let tls = client
+            .connect_with(config, "localhost")
+            .await
+            .expect("handshake");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+    }
+    let mut h2 = client.h2().await;
+    let request = http::Request::builder()
+        .uri(format!("https://localhost:{}/hello", proxy.https.port()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let answer = common::collect(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "ok");
+    assert_eq!(upstream.last().target, "/hello");
+    assert_eq!(
+        upstream.last().headers.get("host").unwrap(),
+        &format!("localhost:{}", proxy.https.port())
+    );
+}
+
+#[tokio::test]
+async fn min_version_13_refuses_a_tls12_client() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        tls: "min_version = \"1.3\"".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    let client = proxy.client();
+    let only12 = client.config(&[&rustls::version::TLS12], &[b"http/1.1"]);
+    assert!(client.connect_with(only12, "localhost").await.is_err());
+    let only13 = client.config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    assert!(client.connect_with(only13, "localhost").await.is_ok());
+}
+
+/// rustls cannot speak TLS 1.1, so the ClientHello is written by hand: a
+/// TLS 1.1 hello must get an alert or a closed connection, never a ServerHello.
+#[tokio::test]
+async fn tls11_handshake_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let mut hello = vec![
+        0x03, 0x02, // client_version TLS 1.1
+    ];
+    hello.extend_from_slice(&[0x11; 32]); // random
+    hello.push(0); // session id
+    hello.extend_from_slice(&[0x00, 0x04, 0xc0, 0x13, 0x00, 0x2f]); // ECDHE-RSA-AES128-SHA, AES128-SHA
+    hello.extend_from_slice(&[0x01, 0x00]); // compression: null
+    let mut handshake = vec![0x01, 0x00, (hello.len() >> 8) as u8, hello.len() as u8];
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![
+        0x16,
+        0x03,
+        0x01,
+        (handshake.len() >> 8) as u8,
+        handshake.len() as u8,
+    ];
+    record.extend_from_slice(&handshake);
+    let mut tcp = tokio::net::TcpStream::connect(proxy.https).await.unwrap();
+    tcp.write_all(&record).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut answer))
+        .await
+        .expect("the server answers or closes")
+        .unwrap_or(0);
+    // 0x15 = alert record; 0 bytes = closed. 0x16 would be a ServerHello.
+    assert!(
+        n == 0 || answer[0] == 0x15,
+        "unexpected answer {:?}",
+        &answer[..n]
+    );
+}
+
+#[tokio::test]
+async fn sni_picks_the_extra_certificate() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = make_cert(dir.path(), "api", &["api.example.com"]);
+    let config = ProxyConfig {
+        rest: format!(
+            "[[tls.sni]]\nserver_name = \"api.example.com\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            api.cert_path.display(),
+            api.key_path.display()
+        ),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    // A client that trusts only the API certificate can connect by that name.
+    let api_client = TlsClient::new(&api, proxy.https);
+    let tls = api_client
+        .connect_with(
+            api_client.config(rustls::DEFAULT_VERSIONS, &[b"http/1.1"]),
+            "api.example.com",
+        )
+        .await
+        .expect("SNI certificate served");
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(served, api.der);
+    // The default name still gets the default certificate.
+    let default = proxy.client().connect(&[b"http/1.1"]).await;
+    assert_eq!(
+        default.get_ref().1.peer_certificates().unwrap()[0],
+        proxy.cert.der
+    );
+    drop(dir);
+}
+
+#[tokio::test]
+async fn plain_http_on_the_https_port_gets_400_and_nothing_is_forwarded() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.https).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = common::read_until_quiet(&mut tcp, std::time::Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("https://"), "{answer}");
+    assert_eq!(upstream.count(), 0);
+    let _ = Method::GET;
+}
