@@ -302,7 +302,7 @@ fn build_upstream_request(
     if let (Some(token), Some(jwt)) = (token, &runtime.config.jwt) {
         for (claim, header) in &jwt.forward_claims {
             if let Some(value) = token.claim_as_header_value(claim)
-                && let Ok(value) = HeaderValue::from_str(&value)
+                && let Ok(value) = HeaderValue::try_from(value)
             {
                 headers.insert(header.clone(), value);
             }

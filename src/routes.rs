@@ -30,7 +30,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(mut routes: Vec<RouteRuntime>) -> Self {
-        routes.sort_by(|a, b| b.config.path.len().cmp(&a.config.path.len()));
+        routes.sort_by_key(|route| std::cmp::Reverse(route.config.path.len()));
         RouteTable {
             routes,
             unmatched: Arc::from("-"),

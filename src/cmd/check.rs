@@ -26,6 +26,9 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         println!("  admin  {addr} (/healthz, /readyz, /metrics)");
     }
     println!("upstream: http://{}", config.upstream.authority);
+    if let Some(jwt) = &config.jwt {
+        println!("jwt: {}", jwt.verifier.summary());
+    }
     if let Some(acme) = &config.acme {
         println!("acme: {} ({})", acme.domains.join(", "), acme.challenge);
     }

@@ -254,6 +254,6 @@ mod tests {
     fn locate_walks_arrays_of_tables() {
         let src = "[server]\nx = 1\n[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nrate_limit = { rate = \"ten\" }\n";
         let offset = locate(src, "routes[1].rate_limit.rate").unwrap();
-        assert_eq!(line_col(src, offset), (7, 22));
+        assert_eq!(line_col(src, offset), (7, 23));
     }
 }

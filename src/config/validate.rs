@@ -597,6 +597,19 @@ fn routes(sections: &[file::RouteSection], has_jwt: bool, _base_dir: &Path) -> R
                 "a route with jwt = true needs a [jwt] section",
             ));
         }
+        if let Some((j, bad)) = r
+            .scopes
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !crate::policy::scopes::is_valid_scope_token(s))
+        {
+            return Err(invalid(
+                format!("routes[{i}].scopes[{j}]"),
+                format!(
+                    r#"not a valid scope (RFC 6750: printable ASCII, no space, '"' or '\'): "{bad}""#
+                ),
+            ));
+        }
         if !r.scopes.is_empty() && !r.jwt {
             return Err(invalid(
                 key("scopes"),
