@@ -32,7 +32,7 @@ use crate::connection::ConnInfo;
 use crate::forward;
 use crate::path;
 use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
-use crate::policy::rate_limit::{self, LimitKey, RateLimitInfo};
+use crate::policy::rate_limit::{self, RateLimitInfo};
 use crate::policy::{limits, method, scopes};
 use crate::reject::Rejection;
 use crate::routes::RouteRuntime;
@@ -250,15 +250,12 @@ async fn run_route_policies(
         .map_err(Rejection::InvalidToken)?;
     ctx.record.sub = verified.subject().map(str::to_owned);
     if let Some(limiter) = limiter.filter(|_| by_subject) {
-        let key = match verified.subject() {
-            Some(sub) => LimitKey::Sub(sub.into()),
-            None => rate_limit::limit_key(
-                &rate_limit::KeySource::Ip,
-                ctx.record.client,
-                &parts.headers,
-                None,
-            ),
-        };
+        let key = rate_limit::limit_key(
+            &limiter.spec().key,
+            ctx.record.client,
+            &parts.headers,
+            verified.subject(),
+        );
         ctx.rate_limit_info = Some(limiter.check(&key).map_err(Rejection::RateLimited)?);
     }
     if !route.config.scopes.is_empty() {

@@ -58,7 +58,7 @@ impl Runtime {
                     route
                         .rate_limit
                         .clone()
-                        .map(|spec| Arc::new(RouteLimiter::new(spec)))
+                        .map(|spec| Arc::new(RouteLimiter::new(spec).with_route(&route.path)))
                 });
                 RouteRuntime {
                     label: Arc::from(route.path.as_str()),
