@@ -28,11 +28,32 @@ use crate::reject::Rejection;
 pub const ACCESS: &str = "access";
 pub const SECURITY: &str = "security";
 
+/// Keeps the background log writers running; dropping it flushes them.
+/// Hold it until the process is about to exit.
+pub struct LogGuard {
+    _stdout: Option<tracing_appender::non_blocking::WorkerGuard>,
+    _stderr: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
 /// Installs the global subscriber. Called once per process.
-pub fn init(json: bool, level: &str) {
+///
+/// Standard output is line-buffered: written directly, every access-log
+/// line would cost the worker a `write` system call. A background thread
+/// writes instead; it is not lossy — when it falls behind, workers wait
+/// rather than drop audit records.
+pub fn init(json: bool, level: &str) -> LogGuard {
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
     let is_record =
         |meta: &tracing::Metadata<'_>| meta.target() == ACCESS || meta.target() == SECURITY;
+    let (stdout, stdout_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(64 * 1024)
+        .thread_name("portcullis-log")
+        .finish(std::io::stdout());
+    let (stderr, stderr_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("portcullis-diag")
+        .finish(std::io::stderr());
     let records = FilterFn::new(move |meta| is_record(meta));
     let diagnostics = FilterFn::new(move |meta| !is_record(meta));
     let (stdout_layer, stderr_layer) = if json {
@@ -42,7 +63,7 @@ pub fn init(json: bool, level: &str) {
                 .flatten_event(true)
                 .with_current_span(false)
                 .with_span_list(false)
-                .with_writer(std::io::stdout)
+                .with_writer(stdout.clone())
                 .with_filter(records)
                 .boxed(),
             tracing_subscriber::fmt::layer()
@@ -50,26 +71,31 @@ pub fn init(json: bool, level: &str) {
                 .flatten_event(true)
                 .with_current_span(false)
                 .with_span_list(false)
-                .with_writer(std::io::stderr)
+                .with_writer(stderr.clone())
                 .with_filter(diagnostics)
                 .boxed(),
         )
     } else {
         (
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stdout)
+                .with_writer(stdout.clone())
                 .with_filter(records)
                 .boxed(),
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(stderr.clone())
                 .with_filter(diagnostics)
                 .boxed(),
         )
     };
     // A second init (tests, demo) is harmless: the first subscriber stays.
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(stdout_layer.and_then(stderr_layer).with_filter(level))
-        .try_init();
+        .try_init()
+        .is_ok();
+    LogGuard {
+        _stdout: installed.then_some(stdout_guard),
+        _stderr: installed.then_some(stderr_guard),
+    }
 }
 
 /// What the access log records about one request; filled in as the request
@@ -156,6 +182,27 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+/// The `kind` values of `portcullis_upstream_errors_total` (SPEC, "Admin listener").
+pub const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "reset"];
+
+/// The `reason` values of `portcullis_rejections_total`: SPEC's list, plus
+/// `invalid_request` (a request that cannot be forwarded safely).
+pub const REJECTION_REASONS: [&str; 13] = [
+    "invalid_path",
+    "invalid_request",
+    "missing_token",
+    "invalid_token",
+    "insufficient_scope",
+    "csrf",
+    "method_not_allowed",
+    "body_too_large",
+    "unsupported_media_type",
+    "schema",
+    "rate_limited",
+    "header_too_large",
+    "header_timeout",
+];
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -215,6 +262,17 @@ impl Metrics {
             "Completed TLS handshakes, by protocol version",
             tls_handshakes.clone(),
         );
+        // Every known label value starts at 0, so each family is exposed from
+        // the first scrape and `rate()`/`increase()` see the first event.
+        for kind in UPSTREAM_ERROR_KINDS {
+            let _ = upstream_errors.get_or_create(&KindLabels { kind });
+        }
+        for reason in REJECTION_REASONS {
+            let _ = rejections.get_or_create(&ReasonLabels { reason });
+        }
+        for version in ["1.2", "1.3"] {
+            let _ = tls_handshakes.get_or_create(&VersionLabels { version });
+        }
         Metrics {
             requests,
             duration,

@@ -35,7 +35,7 @@ pub fn demo(config_path: &Path) -> Result<(), Failure> {
         unsafe { std::env::set_var(DEMO_SECRET_ENV, secret) };
     }
     let config = crate::config::load(config_path)?;
-    crate::telemetry::init(config.log.json, &config.log.level);
+    let _log = crate::telemetry::init(config.log.json, &config.log.level);
 
     let upstream = config.upstream.authority.clone();
     let upstream_addr: std::net::SocketAddr =

@@ -6,7 +6,7 @@ use super::Failure;
 
 pub fn run(config_path: &Path) -> Result<(), Failure> {
     let config = crate::config::load(config_path)?;
-    crate::telemetry::init(config.log.json, &config.log.level);
+    let _log = crate::telemetry::init(config.log.json, &config.log.level);
     warn_unbuilt(&config);
     crate::server::run(config)?;
     Ok(())
