@@ -105,7 +105,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                             return;
                         }
                     };
-                    rt.block_on(worker_loop(worker, listener, shared));
+                    rt.block_on(async move {
+                        worker_loop(worker, listener, shared.clone()).await;
+                        // The listener is closed now, but this runtime still
+                        // drives the connections it accepted (and their
+                        // upstream legs): dropping it would cut requests in
+                        // flight. Keep it running until they are done; the
+                        // control thread bounds the whole drain by
+                        // `shutdown_timeout` and then exits the process.
+                        shared.connections.wait().await;
+                    });
                 })?,
         );
     }
@@ -373,6 +382,10 @@ async fn serve_https(
                 }
                 return;
             }
+            // A request ending or a head starting can move the deadline
+            // earlier (idle_timeout shorter than header_read_timeout, say):
+            // look again rather than sleep on to the old one.
+            _ = activity.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {
                 let (now_deadline, now_expiry) = activity.deadline(header_timeout, idle_timeout);
                 if now_expiry != expiry || now_deadline > tokio::time::Instant::now() {

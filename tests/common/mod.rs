@@ -606,15 +606,16 @@ pub fn percent_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(
                 std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
                 16,
-            ) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+            )
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -626,4 +627,125 @@ pub fn percent_decode(s: &str) -> String {
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// One HTTP/1.1 response parsed from raw bytes (see [`parse_responses`]).
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|_| panic!("body is not JSON: {:?}", self.body))
+    }
+}
+
+/// Every complete response in `text` (what a raw connection read), in order.
+/// Bodies framed by `Content-Length` or chunked are read; a response with
+/// neither (and not 1xx/204/304) takes the rest of the text.
+pub fn parse_responses(text: &str) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(head_end) = rest.find("\r\n\r\n") {
+        let head = &rest[..head_end];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let Some(status) = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
+            .and_then(|s| s.get(..3))
+            .and_then(|s| s.parse::<u16>().ok())
+        else {
+            break;
+        };
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let after = &rest[head_end + 4..];
+        let (body, consumed) = if (100..200).contains(&status) || status == 204 || status == 304 {
+            (String::new(), 0)
+        } else if let Some(length) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            let length = length.min(after.len());
+            (after[..length].to_string(), length)
+        } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            let mut body = String::new();
+            let mut at = 0;
+            loop {
+                let Some(line_end) = after[at..].find("\r\n") else {
+                    at = after.len();
+                    break;
+                };
+                let size_text = after[at..at + line_end].split(';').next().unwrap_or("");
+                let size = usize::from_str_radix(size_text.trim(), 16).unwrap_or(0);
+                at += line_end + 2;
+                if size == 0 {
+                    // Trailers (none expected) end with an empty line.
+                    at = (at + 2).min(after.len());
+                    break;
+                }
+                let end = (at + size).min(after.len());
+                body.push_str(&after[at..end]);
+                at = (end + 2).min(after.len());
+            }
+            (body, at)
+        } else {
+            (after.to_string(), after.len())
+        };
+        out.push(RawResponse {
+            status,
+            headers,
+            body,
+        });
+        rest = &after[consumed..];
+    }
+    out
+}
+
+/// Reads until the peer closes the connection (EOF, or an error such as a
+/// reset or a TLS stream cut without close_notify), for at most `within`.
+/// Returns what was read and whether the connection was seen closed.
+pub async fn read_until_closed(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> (String, bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+impl TlsClient {
+    /// Writes raw bytes over TLS (HTTP/1.1), then reads until the server
+    /// closes the connection or `within` has passed. Returns what came back
+    /// and whether the server closed.
+    pub async fn raw_until_closed(&self, bytes: &[u8], within: Duration) -> (String, bool) {
+        let mut tls = self.connect(&[b"http/1.1"]).await;
+        tls.write_all(bytes).await.unwrap();
+        read_until_closed(&mut tls, within).await
+    }
 }

@@ -1,0 +1,683 @@
+//! SPEC "Command line" (signals, `demo`), "Logs" and "Admin listener": the
+//! proxy's life as an operator sees it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{BIN, Proxy, ProxyConfig, TestCert, TlsClient, Upstream, dead_addr, eventually};
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A plain HTTP/1.1 GET (the admin listener speaks no TLS): status and body.
+async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+        .await
+        .expect("admin answers")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn metrics(proxy: &Proxy) -> String {
+    let (status, body) = plain_get(proxy.admin.expect("admin listener"), "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// The sample line `name{labels} value` for exactly these labels (any order).
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let mut found: Vec<(String, String)> = rest
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.trim_matches('"').to_string()))
+            })
+            .collect();
+        found.sort();
+        let mut wanted: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        wanted.sort();
+        (found == wanted).then(|| value.parse().ok()).flatten()
+    })
+}
+
+// ---- signals ---------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_lets_a_request_in_flight_finish_then_exits_0() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        server: "shutdown_timeout = \"10s\"".into(),
+        ..Default::default()
+    };
+    let mut proxy = Proxy::start(upstream.addr, config).await;
+    let client = proxy.client();
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("/delay/2000").await }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || upstream.count() == 1).await,
+        "the slow request reached the upstream"
+    );
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+
+    // New connections are refused while the slow request is still running.
+    let mut refused = false;
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        if tokio::net::TcpStream::connect(proxy.https).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the HTTPS port still accepts after SIGTERM");
+    assert!(!slow.is_finished(), "the slow request ended early");
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the slow request completes")
+        .expect("request task");
+    assert_eq!(answer.status, 200, "{}", proxy.stderr_text());
+    assert_eq!(answer.text(), "delayed");
+    assert!(signalled.elapsed() >= Duration::from_millis(1500));
+
+    let code = proxy.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "stderr:\n{}", proxy.stderr_text());
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+    // The completed request was logged before the exit.
+    proxy
+        .wait_event(|e| e["path"] == "/delay/2000" && e["status"] == 200)
+        .await;
+}
+
+#[tokio::test]
+async fn sigterm_with_nothing_in_flight_exits_0_promptly() {
+    let upstream = Upstream::start().await;
+    let mut proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    assert_eq!(proxy.client().get("/").await.status, 200);
+    proxy.signal("INT");
+    let started = Instant::now();
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn sigterm_gives_up_on_requests_after_shutdown_timeout() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        server: "shutdown_timeout = \"500ms\"".into(),
+        ..Default::default()
+    };
+    let mut proxy = Proxy::start(upstream.addr, config).await;
+    let client = proxy.client();
+    let _slow = tokio::spawn(async move { client.get("/delay/20000").await });
+    assert!(eventually(Duration::from_secs(10), || upstream.count() == 1).await);
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_error() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        rest: "[headers]\nset = { \"X-Version\" = \"1\" }\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    let client = proxy.client();
+    let mut kept = client.h1().await;
+    let answer = common::send(&mut kept, Method::GET, "/", &[], Bytes::new()).await;
+    assert_eq!(answer.header("x-version"), Some("1"));
+
+    let original = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let v2 = original.replace("\"X-Version\" = \"1\"", "\"X-Version\" = \"2\"");
+    assert_ne!(v2, original);
+    std::fs::write(&proxy.config_path, &v2).unwrap();
+    proxy.signal("HUP");
+
+    let mut version = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        version = client.get("/").await.header("x-version").map(String::from);
+        if version.as_deref() == Some("2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        version.as_deref(),
+        Some("2"),
+        "reload not applied; stderr:\n{}",
+        proxy.stderr_text()
+    );
+    // The connection opened before the reload is still served.
+    let answer = common::send(&mut kept, Method::GET, "/", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+
+    // An invalid file is rejected, logged, and the running config stays.
+    let broken = v2.replacen("[server]\n", "[server]\nbogus = 1\n", 1);
+    std::fs::write(&proxy.config_path, &broken).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let err = proxy.stderr_text();
+            err.contains("reload rejected") && err.contains("server.bogus")
+        })
+        .await,
+        "no rejection logged; stderr:\n{}",
+        proxy.stderr_text()
+    );
+    let answer = client.get("/").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-version"), Some("2"));
+    let answer = common::send(&mut kept, Method::GET, "/", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-version"), Some("2"));
+}
+
+// ---- admin listener ----------------------------------------------------------
+
+#[tokio::test]
+async fn admin_healthz_and_readyz_follow_the_upstream() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let admin = proxy.admin.expect("admin listener");
+    assert_eq!(plain_get(admin, "/healthz").await.0, 200);
+    assert_eq!(plain_get(admin, "/readyz").await.0, 200);
+    assert_eq!(plain_get(admin, "/nothing-here").await.0, 404);
+
+    let down = Proxy::start(dead_addr(), ProxyConfig::default()).await;
+    let admin = down.admin.expect("admin listener");
+    assert_eq!(plain_get(admin, "/healthz").await.0, 200);
+    assert_eq!(plain_get(admin, "/readyz").await.0, 503);
+}
+
+#[tokio::test]
+async fn admin_metrics_count_requests_handshakes_rejections_and_connections() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        rest: "[[routes]]\npath = \"/only-get\"\nmethods = [\"GET\"]\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    let client = proxy.client();
+    let tls13 = client.config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    drop(client.connect_with(tls13, "localhost").await.unwrap());
+    assert_eq!(client.get("/hello").await.status, 200);
+    assert_eq!(client.get("/hello").await.status, 200);
+    assert_eq!(client.get("/only-get/x").await.status, 200);
+    let refused = client
+        .request(Method::POST, "/only-get", &[], "x")
+        .await
+        .status;
+    assert_eq!(refused, 405);
+    // One connection held open while the metrics are read.
+    let mut open = client.h1().await;
+    assert_eq!(
+        common::send(&mut open, Method::GET, "/", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+
+    let text = metrics(&proxy).await;
+    for name in [
+        "portcullis_requests",
+        "portcullis_request_duration_seconds",
+        "portcullis_upstream_errors",
+        "portcullis_rejections",
+        "portcullis_active_connections",
+        "portcullis_tls_handshakes",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            "{name} not exposed:\n{text}"
+        );
+    }
+    // Known label values are exposed from the start, at 0.
+    for kind in ["connect", "timeout", "reset"] {
+        assert_eq!(
+            sample(&text, "portcullis_upstream_errors_total", &[("kind", kind)]),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    let requests = |route: &str, status: &str| {
+        sample(
+            &text,
+            "portcullis_requests_total",
+            &[("route", route), ("status", status)],
+        )
+    };
+    assert!(requests("-", "200").unwrap_or(0.0) >= 3.0, "{text}");
+    assert_eq!(requests("/only-get", "200"), Some(1.0), "{text}");
+    assert_eq!(requests("/only-get", "405"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "portcullis_rejections_total",
+            &[("reason", "method_not_allowed")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "portcullis_request_duration_seconds_count",
+            &[("route", "-")]
+        )
+        .unwrap_or(0.0)
+            >= 3.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "portcullis_request_duration_seconds_bucket",
+            &[("route", "-"), ("le", "+Inf")]
+        )
+        .unwrap_or(0.0)
+            >= 3.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "portcullis_tls_handshakes_total",
+            &[("version", "1.3")]
+        )
+        .unwrap_or(0.0)
+            >= 5.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "portcullis_active_connections", &[]).unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    drop(open);
+    // The gauge comes back down once the connections are gone.
+    let admin = proxy.admin.unwrap();
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        last = plain_get(admin, "/metrics").await.1;
+        if sample(&last, "portcullis_active_connections", &[]) == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sample(&last, "portcullis_active_connections", &[]),
+        Some(0.0),
+        "{last}"
+    );
+}
+
+#[tokio::test]
+async fn admin_metrics_count_upstream_connect_errors() {
+    let proxy = Proxy::start(dead_addr(), ProxyConfig::default()).await;
+    let answer = proxy.client().get("/").await;
+    assert_eq!(answer.status, 502);
+    let text = metrics(&proxy).await;
+    assert_eq!(
+        sample(
+            &text,
+            "portcullis_upstream_errors_total",
+            &[("kind", "connect")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "portcullis_requests_total",
+            &[("route", "-"), ("status", "502")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+// ---- logs --------------------------------------------------------------------
+
+#[tokio::test]
+async fn each_request_logs_one_json_line_without_secrets() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let client = proxy.client();
+    let answer = client
+        .request(
+            Method::GET,
+            "/search?q=query-secret-value&api_key=key-secret-value",
+            &[
+                ("authorization", "Bearer authorization-secret-value"),
+                ("cookie", "session=cookie-secret-value"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    let answer = client
+        .get("/set-cookie?sid%3Dset-cookie-secret-value")
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        client
+            .request(Method::POST, "/upload", &[], "body-secret-value")
+            .await
+            .status,
+        200
+    );
+
+    let event = proxy.wait_event(|e| e["path"] == "/search").await;
+    assert_eq!(event["client"], "127.0.0.1");
+    assert_eq!(event["method"], "GET");
+    assert_eq!(event["route"], "-");
+    assert_eq!(event["status"], 200);
+    assert_eq!(event["bytes"], 2, "{event}");
+    assert!(event["duration_ms"].is_number(), "{event}");
+    assert_eq!(event["upstream_status"], 200);
+    assert!(
+        event["tls"] == "1.3" || event["tls"] == "1.2",
+        "tls version: {event}"
+    );
+    assert!(event.get("sub").is_none(), "{event}");
+    proxy.wait_event(|e| e["path"] == "/set-cookie").await;
+    proxy.wait_event(|e| e["path"] == "/upload").await;
+
+    // Exactly one access event per request.
+    let events = proxy.events(); // panics on any non-JSON line
+    for path in ["/search", "/set-cookie", "/upload"] {
+        let n = events
+            .iter()
+            .filter(|e| e["path"] == path && e.get("status").is_some())
+            .count();
+        assert_eq!(n, 1, "{path}: {events:?}");
+    }
+    let stdout = proxy.stdout.lock().unwrap().join("\n");
+    for secret in [
+        "query-secret-value",
+        "key-secret-value",
+        "authorization-secret-value",
+        "cookie-secret-value",
+        "set-cookie-secret-value",
+        "body-secret-value",
+    ] {
+        assert!(!stdout.contains(secret), "{secret} logged:\n{stdout}");
+    }
+    // Banners and diagnostics are on stderr, not stdout.
+    assert!(!stdout.contains("listening on"));
+    assert!(proxy.stderr_text().contains("https listening on"));
+}
+
+#[tokio::test]
+async fn a_502_is_logged_without_upstream_status() {
+    let proxy = Proxy::start(dead_addr(), ProxyConfig::default()).await;
+    assert_eq!(proxy.client().get("/unreachable").await.status, 502);
+    let event = proxy.wait_event(|e| e["path"] == "/unreachable").await;
+    assert_eq!(event["status"], 502);
+    assert!(event.get("upstream_status").is_none(), "{event}");
+    assert!(event["bytes"].as_u64().unwrap_or(0) > 0, "{event}");
+}
+
+#[tokio::test]
+async fn an_upstream_error_status_is_logged_as_such() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    assert_eq!(proxy.client().get("/status/404").await.status, 404);
+    let event = proxy.wait_event(|e| e["path"] == "/status/404").await;
+    assert_eq!(event["status"], 404);
+    assert_eq!(event["upstream_status"], 404);
+}
+
+// ---- demo --------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the demo however the test ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+fn curl_binary() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("curl"))
+            .find(|p| p.is_file())
+    })
+}
+
+#[tokio::test]
+async fn the_demo_serves_the_shipped_config_and_answers_curl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (https, http, admin, upstream) = (free_port(), free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).unwrap();
+    let config_text = shipped
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{https}"))
+        .replace(
+            "redirect_https_port = 8443",
+            &format!("redirect_https_port = {https}"),
+        )
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:3000", &format!("127.0.0.1:{upstream}"));
+    for old in ["8443", "8080", "9901", "3000"] {
+        assert!(
+            !config_text
+                .lines()
+                .any(|l| l.split('#').next().unwrap().contains(old)),
+            "port {old} left in the config"
+        );
+    }
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, config_text).unwrap();
+
+    let child = Command::new(BIN)
+        .arg("demo")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("PORTCULLIS_CONFIG")
+        .env_remove("JWT_SECRET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the demo");
+    let mut demo = Running(child);
+    let stdout_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let stdout = demo.0.stdout.take().unwrap();
+        let lines = stdout_lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let stderr = demo.0.stderr.take().unwrap();
+        let lines = stderr_lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let stderr_text = || stderr_lines.lock().unwrap().join("\n");
+
+    // The demo writes a development certificate because certs/ has none.
+    let cert_path = dir.path().join("certs/cert.pem");
+    let key_path = dir.path().join("certs/key.pem");
+    assert!(
+        eventually(Duration::from_secs(20), || key_path.exists()
+            && std::fs::read_to_string(&cert_path)
+                .is_ok_and(|p| p.contains("END CERTIFICATE")))
+        .await,
+        "no certificate written; stderr:\n{}",
+        stderr_text()
+    );
+    let pem = std::fs::read_to_string(&cert_path).unwrap();
+    let cert = TestCert {
+        cert_path: cert_path.clone(),
+        key_path,
+        der: pem_der(&pem).into(),
+        pem,
+    };
+    let client = TlsClient::new(&cert, format!("127.0.0.1:{https}").parse().unwrap());
+
+    // Poll until the HTTPS port answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let config = client.config(rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
+        if client.connect_with(config, "localhost").await.is_ok() {
+            break;
+        }
+        if let Ok(Some(status)) = demo.0.try_wait() {
+            panic!("the demo exited ({status}); stderr:\n{}", stderr_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo never answered on {https}; stderr:\n{}",
+            stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let answer = client.get("/hello").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let echo = answer.json();
+    assert_eq!(echo["method"], "GET", "{echo}");
+    assert_eq!(echo["path"], "/hello", "{echo}");
+    assert!(answer.header("strict-transport-security").is_some());
+    // The printed walkthrough names the port the demo serves.
+    assert!(
+        eventually(Duration::from_secs(5), || stderr_text()
+            .contains(&format!("https://localhost:{https}/hello")))
+        .await,
+        "{}",
+        stderr_text()
+    );
+
+    match curl_binary() {
+        Some(curl) => {
+            let url = format!("https://localhost:{https}/hello");
+            let output = tokio::process::Command::new(curl)
+                .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+                .arg("--cacert")
+                .arg(&cert_path)
+                .arg(&url)
+                .output()
+                .await
+                .expect("run curl");
+            let out = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(
+                output.status.success(),
+                "curl failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let (body, code) = out.rsplit_once('\n').unwrap();
+            assert_eq!(code, "200", "{out}");
+            let echo: serde_json::Value = serde_json::from_str(body).expect("JSON echo");
+            assert_eq!(echo["path"], "/hello");
+        }
+        None => eprintln!("curl not found on PATH: skipping the curl part of the demo test"),
+    }
+
+    // The demo's standard output is the access log alone: JSON lines.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            stdout_lines.lock().unwrap().iter().any(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .is_ok_and(|e| e["path"] == "/hello" && e["status"] == 200)
+            })
+        })
+        .await,
+        "no access event for /hello; stdout: {:?}",
+        stdout_lines.lock().unwrap()
+    );
+    for line in stdout_lines.lock().unwrap().iter() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "non-JSON line on the demo's stdout: {line}"
+        );
+    }
+}
