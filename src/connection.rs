@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::fragment::FragmentLog;
@@ -174,15 +174,53 @@ impl Drop for InFlight {
     }
 }
 
+/// A client connection's claim on `max_connections` and its place in the
+/// `portcullis_active_connections` gauge, both given back on drop.
+///
+/// It travels inside the connection's I/O object ([`ActivityIo::holding`]),
+/// so a connection that hyper hands over to a WebSocket tunnel keeps both
+/// until the tunnel closes, not only until the upgrade.
+pub struct ConnectionSlot {
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnectionSlot {
+    pub fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
+        shared.metrics.active_connections.inc();
+        ConnectionSlot {
+            shared,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.shared.metrics.active_connections.dec();
+    }
+}
+
 /// Notes reads for the header timer; otherwise a pass-through.
 pub struct ActivityIo<IO> {
     io: IO,
     activity: Arc<Activity>,
+    _slot: Option<ConnectionSlot>,
 }
 
 impl<IO> ActivityIo<IO> {
     pub fn new(io: IO, activity: Arc<Activity>) -> Self {
-        ActivityIo { io, activity }
+        ActivityIo {
+            io,
+            activity,
+            _slot: None,
+        }
+    }
+
+    /// Keeps `slot` for as long as this I/O object lives.
+    pub fn holding(mut self, slot: ConnectionSlot) -> Self {
+        self._slot = Some(slot);
+        self
     }
 }
 

@@ -1,4 +1,8 @@
-//! Detection of `#fragment`s in HTTP/1 request targets.
+//! Detection of what hyper hides from the request handler in HTTP/1 heads:
+//! `#fragment`s in request targets, and `Content-Length` sent together with
+//! `Transfer-Encoding` (hyper drops the `Content-Length` and serves the
+//! request chunked; the contract refuses it, since such requests are how
+//! proxies and upstreams are made to disagree on where a request ends).
 //!
 //! The `http` crate, and so hyper, silently drops a fragment while parsing a
 //! request target (`/admin#x` arrives as `/admin`), yet the contract answers
@@ -36,16 +40,25 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Which requests on one connection had a `#` in their request-target.
+/// What was wrong with a request head that hyper does not tell the handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Anomaly {
+    /// A `#` in the request-target.
+    Fragment,
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    LengthAndTransferEncoding,
+}
+
+/// Which requests on one connection had an [`Anomaly`] in their head.
 ///
 /// Shared between the wrapper (writer) and the request handler (reader).
 /// Cheap to clone.
 #[derive(Clone, Default, Debug)]
 pub struct FragmentLog {
-    /// Indices in increasing order. Fragments are rare and each one earns a
+    /// Indices in increasing order. Anomalies are rare and each one earns a
     /// 400, so this stays short; a Mutex is uncontended because the writer
     /// and the reader run in the same connection task.
-    flagged: Arc<Mutex<Vec<u64>>>,
+    flagged: Arc<Mutex<Vec<(u64, Anomaly)>>>,
 }
 
 impl FragmentLog {
@@ -61,17 +74,26 @@ impl FragmentLog {
     /// accumulating them. Asking again for an index lower than one already
     /// asked about answers `false`.
     pub fn had_fragment(&self, request_index: u64) -> bool {
-        let mut flagged = self.flagged.lock().unwrap_or_else(PoisonError::into_inner);
-        let answered = flagged.partition_point(|&index| index < request_index);
-        flagged.drain(..answered);
-        flagged.first() == Some(&request_index)
+        self.anomaly(request_index) == Some(Anomaly::Fragment)
     }
 
-    fn record(&self, request_index: u64) {
+    /// The first anomaly of the request with this 0-based index, if any;
+    /// asked in increasing order, like [`Self::had_fragment`].
+    pub fn anomaly(&self, request_index: u64) -> Option<Anomaly> {
+        let mut flagged = self.flagged.lock().unwrap_or_else(PoisonError::into_inner);
+        let answered = flagged.partition_point(|&(index, _)| index < request_index);
+        flagged.drain(..answered);
+        flagged
+            .first()
+            .filter(|(index, _)| *index == request_index)
+            .map(|&(_, anomaly)| anomaly)
+    }
+
+    fn record(&self, request_index: u64, anomaly: Anomaly) {
         self.flagged
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(request_index);
+            .push((request_index, anomaly));
     }
 }
 
@@ -278,7 +300,7 @@ impl Tracker {
                 b'#' => {
                     if !self.head.fragment_recorded {
                         self.head.fragment_recorded = true;
-                        log.record(self.request_index);
+                        log.record(self.request_index, Anomaly::Fragment);
                     }
                     State::Target
                 }
@@ -291,7 +313,7 @@ impl Tracker {
             },
             State::HeaderLineStart => match byte {
                 b'\r' => State::HeaderLineStart,
-                b'\n' => self.end_of_head(),
+                b'\n' => self.end_of_head(log),
                 // Obsolete line folding: hyper refuses it in requests.
                 b' ' | b'\t' => State::Passthrough,
                 _ => Self::header_name_byte(NameMatch::default(), byte),
@@ -438,14 +460,18 @@ impl Tracker {
         }
     }
 
-    fn end_of_head(&mut self) -> State {
+    fn end_of_head(&mut self, log: &FragmentLog) -> State {
         match (
             self.head.content_length,
             self.head.transfer_encoding_chunked,
         ) {
             // hyper lets Transfer-Encoding win; peers differ on it, and
-            // requests that send both are attacks more often than not.
-            (Some(_), Some(_)) => State::Passthrough,
+            // requests that send both are attacks more often than not. hyper
+            // closes the connection after such a request, so tracking can stop.
+            (Some(_), Some(_)) => {
+                log.record(self.request_index, Anomaly::LengthAndTransferEncoding);
+                State::Passthrough
+            }
             (None, Some(true)) => State::ChunkStart,
             // hyper refuses a request whose last encoding is not chunked.
             (None, Some(false)) => State::Passthrough,
@@ -606,7 +632,23 @@ mod tests {
         log.flagged
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .filter(|(_, anomaly)| *anomaly == Anomaly::Fragment)
+            .map(|&(index, _)| index)
+            .collect()
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_recorded_for_its_request() {
+        let log = FragmentLog::new();
+        let mut tracker = Tracker::default();
+        tracker.feed(
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+              POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            &log,
+        );
+        assert_eq!(log.anomaly(0), None);
+        assert_eq!(log.anomaly(1), Some(Anomaly::LengthAndTransferEncoding));
     }
 
     /// Feeds `stream` to a fresh tracker in pieces of `piece_len` bytes.
@@ -898,7 +940,7 @@ mod tests {
     fn answers_for_lower_indices_are_forgotten() {
         let log = FragmentLog::new();
         for index in [1, 3, 4] {
-            log.record(index);
+            log.record(index, Anomaly::Fragment);
         }
         assert!(!log.had_fragment(0));
         assert!(log.had_fragment(1));

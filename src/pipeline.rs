@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use crate::body::ResponseBody;
 use crate::connection::ConnInfo;
 use crate::forward;
+use crate::fragment::Anomaly;
 use crate::path;
 use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
 use crate::policy::rate_limit::{self, RateLimitInfo};
@@ -128,8 +129,14 @@ async fn judge_and_forward(
 
     // 0. the request head: size, framing, a fragment the URI parser dropped
     limits::check_head(parts, server.max_header_bytes)?;
-    if ctx.conn.fragments.had_fragment(request_index) {
-        return Err(Rejection::InvalidPath(path::PathError::Fragment));
+    match ctx.conn.fragments.anomaly(request_index) {
+        Some(Anomaly::Fragment) => return Err(Rejection::InvalidPath(path::PathError::Fragment)),
+        Some(Anomaly::LengthAndTransferEncoding) => {
+            return Err(Rejection::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        None => {}
     }
 
     // 1. normalize the path; the upstream gets exactly what is judged here

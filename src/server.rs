@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::Config;
-use crate::connection::{Activity, ActivityIo, ConnInfo, Expiry};
+use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry};
 use crate::fragment::{FragmentLog, FragmentSniffer};
 use crate::runtime::{Runtime, Shared};
 use crate::telemetry;
@@ -76,7 +76,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = Runtime::build(config, workers, None)?;
     let shared = Shared::new(runtime, workers);
 
-    eprintln!("portcullis: https listening on {https_addr}");
     if let Some(http) = &http {
         eprintln!(
             "portcullis: http (redirect) listening on {}",
@@ -86,6 +85,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(admin) = &admin {
         eprintln!("portcullis: admin listening on {}", admin.local_addr()?);
     }
+    // Last, so that a supervisor (or a test) that waits for this line finds the others printed.
+    eprintln!("portcullis: https listening on {https_addr}");
 
     let mut threads = Vec::new();
     for (worker, listener) in https.into_iter().enumerate() {
@@ -266,24 +267,37 @@ async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc
     };
     let builder = Arc::new(http_builder(&shared.runtime.load()));
     loop {
-        let permit = tokio::select! {
-            permit = shared.permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shared.shutdown.cancelled() => return,
+        let Some(mut permit) = acquire_slot(&shared).await else {
+            return;
         };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        // Each worker accepts on its own listener, and the kernel queues a
+        // connection on one of them. A worker holding the last free slot
+        // while its own queue is empty must not starve another worker's
+        // queue: when every slot is taken, it hands its slot back now and
+        // then. The semaphore is fair, so a worker already waiting gets it.
+        let accepted = loop {
+            tokio::select! {
+                accepted = listener.accept() => break accepted,
+                _ = tokio::time::sleep(SLOT_ROTATION) => {
+                    if shared.permits.available_permits() == 0 {
+                        drop(permit);
+                        let Some(again) = acquire_slot(&shared).await else {
+                            return;
+                        };
+                        permit = again;
+                    }
                 }
-            },
-            _ = shared.shutdown.cancelled() => return,
+                _ = shared.shutdown.cancelled() => return,
+            }
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let shared_for_task = shared.clone();
         let builder = builder.clone();
@@ -298,25 +312,29 @@ async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc
     }
 }
 
-/// Decrements the active-connection gauge however the connection ends.
-struct ActiveConnection<'a>(&'a Shared);
+/// How long a worker keeps the last free connection slot while nothing
+/// arrives on its own listener (see `worker_loop`).
+const SLOT_ROTATION: Duration = Duration::from_millis(50);
 
-impl Drop for ActiveConnection<'_> {
-    fn drop(&mut self) {
-        self.0.metrics.active_connections.dec();
+/// A `max_connections` slot, or `None` once the proxy is shutting down.
+async fn acquire_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        permit = shared.permits.clone().acquire_owned() => permit.ok(),
+        _ = shared.shutdown.cancelled() => None,
     }
 }
 
 async fn serve_https(
     tcp: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     worker: usize,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
-    shared.metrics.active_connections.inc();
-    let _active = ActiveConnection(&shared);
+    // Held by the connection's I/O from the handshake on, so that a
+    // WebSocket tunnel keeps the slot until it closes.
+    let slot = ConnectionSlot::new(shared.clone(), permit);
     let runtime = shared.runtime.load_full();
     let header_timeout = runtime.config.server.header_read_timeout;
     let idle_timeout = runtime.config.server.idle_timeout;
@@ -358,7 +376,8 @@ async fn serve_https(
     let io = ActivityIo::new(
         FragmentSniffer::new(tls, fragments.clone()),
         activity.clone(),
-    );
+    )
+    .holding(slot);
     let info = Arc::new(ConnInfo::new(
         shared.clone(),
         worker,

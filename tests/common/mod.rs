@@ -457,7 +457,8 @@ pub struct Recorded {
 
 /// A plain-HTTP upstream that records every request and answers by path:
 /// `/status/N`, `/delay/MS`, `/set-cookie?raw` (the raw query, percent-decoded,
-/// one `Set-Cookie` per `&` part), `/download/N`; anything else `200 ok`.
+/// one `Set-Cookie` per `&` part), `/headers?Name=Value&...` (each part, percent-decoded,
+/// one response header), `/download/N`; anything else `200 ok`.
 #[derive(Clone)]
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -467,7 +468,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start() -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts the recording upstream on a given address (one a proxy was
+    /// already pointed at while nothing listened there, say).
+    pub async fn start_on(addr: SocketAddr) -> Upstream {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(VecDeque::new()));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -570,6 +577,18 @@ async fn answer_recorded(
             let decoded = percent_decode(part);
             r.headers_mut()
                 .append("set-cookie", decoded.parse().unwrap());
+        }
+        return r;
+    }
+    if path == "/headers" {
+        let mut r = full(200, "headers");
+        for part in parts.uri.query().unwrap_or("").split('&') {
+            if let Some((name, value)) = part.split_once('=') {
+                r.headers_mut().append(
+                    http::header::HeaderName::from_bytes(percent_decode(name).as_bytes()).unwrap(),
+                    percent_decode(value).parse().unwrap(),
+                );
+            }
         }
         return r;
     }
@@ -747,5 +766,42 @@ impl TlsClient {
         let mut tls = self.connect(&[b"http/1.1"]).await;
         tls.write_all(bytes).await.unwrap();
         read_until_closed(&mut tls, within).await
+    }
+}
+
+/// A request body type for streamed uploads (see [`TlsClient::h1_streaming`]).
+pub type UploadBody = BoxBody;
+
+/// `total` bytes in 64 KiB chunks, generated as they are sent and never held
+/// whole: chunk `i` is filled with the byte `i % 251`.
+pub fn generated_body(total: u64) -> UploadBody {
+    const CHUNK: u64 = 64 * 1024;
+    let stream = futures_util::stream::unfold(0u64, move |sent| async move {
+        if sent >= total {
+            return None;
+        }
+        let n = (total - sent).min(CHUNK);
+        let fill = ((sent / CHUNK) % 251) as u8;
+        Some((
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![
+                fill;
+                n as usize
+            ]))),
+            sent + n,
+        ))
+    });
+    http_body_util::StreamBody::new(stream).boxed()
+}
+
+impl TlsClient {
+    /// An HTTP/1.1 connection whose request bodies are streamed ([`generated_body`]).
+    pub async fn h1_streaming(&self) -> hyper::client::conn::http1::SendRequest<UploadBody> {
+        let tls = self.connect(&[b"http/1.1"]).await;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
     }
 }
