@@ -58,6 +58,63 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// A `Host` value as RFC 9110 allows it: a host and an optional numeric
+/// port, nothing else (no user info, path or stray characters).
+pub fn parse_host(host: &str) -> Option<http::uri::Authority> {
+    let authority: http::uri::Authority = host.parse().ok()?;
+    if host.contains('@') || authority.host().is_empty() || host.contains(['/', '?', '#', '\\']) {
+        return None;
+    }
+    // `Authority` takes any text after the colon; a port is digits (RFC 3986
+    // allows none at all) that fit in a u16.
+    let port = &authority.as_str()[authority.host().len()..];
+    if let Some(digits) = port.strip_prefix(':')
+        && !digits.is_empty()
+        && !(digits.bytes().all(|b| b.is_ascii_digit()) && digits.parse::<u16>().is_ok())
+    {
+        return None;
+    }
+    Some(authority)
+}
+
+/// The host the request is for: the target's authority when it has one
+/// (HTTP/2's `:authority`, or an absolute-form target, which RFC 9112 3.2.2
+/// says wins over `Host`), else the single `Host` header. Missing (on
+/// HTTP/1.1 and HTTP/2), repeated or malformed hosts are refused: proxy and
+/// upstream must not be able to disagree on which site a request is for.
+pub fn request_host(parts: &http::request::Parts) -> Result<Option<HeaderValue>, &'static str> {
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let header_text = match host_header {
+        Some(value) => Some(value.to_str().map_err(|_| "malformed Host header")?),
+        None => None,
+    };
+    if let Some(authority) = parts.uri.authority() {
+        if parse_host(authority.as_str()).is_none() {
+            return Err("malformed request authority");
+        }
+        if parts.version == http::Version::HTTP_2
+            && header_text.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str()))
+        {
+            return Err("Host differs from :authority");
+        }
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| "malformed request authority");
+    }
+    match (host_header, header_text) {
+        (Some(value), Some(text)) => match parse_host(text) {
+            Some(_) => Ok(Some(value.clone())),
+            None => Err("malformed Host header"),
+        },
+        _ if parts.version >= http::Version::HTTP_11 => Err("missing Host header"),
+        _ => Ok(None),
+    }
+}
+
 /// True for an HTTP/1.1 WebSocket upgrade request.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     let connection_upgrade = headers

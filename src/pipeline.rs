@@ -139,6 +139,8 @@ async fn judge_and_forward(
         None => {}
     }
 
+    let host = forward::request_host(parts).map_err(Rejection::BadRequest)?;
+
     // 1. normalize the path; the upstream gets exactly what is judged here
     let normalized = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
     ctx.record.path.clone_from(&normalized.path);
@@ -170,12 +172,6 @@ async fn judge_and_forward(
     } else {
         None
     };
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
     let upstream_request = build_upstream_request(
         ctx,
         parts,

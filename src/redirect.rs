@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, LOCATION};
-use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
@@ -32,10 +31,7 @@ pub fn respond<B>(request: &Request<B>, https_port: Option<u16>) -> Response<Ful
 /// The redirect target, or `None` when the Host is missing or malformed.
 pub fn location<B>(request: &Request<B>, https_port: Option<u16>) -> Option<HeaderValue> {
     let host = request.headers().get(HOST)?.to_str().ok()?;
-    let authority: Authority = host.parse().ok()?;
-    if host.contains('@') || authority.host().is_empty() || host.contains(['/', '?', '#', '\\']) {
-        return None;
-    }
+    let authority = crate::forward::parse_host(host)?;
     let mut target = String::with_capacity(host.len() + 64);
     target.push_str("https://");
     target.push_str(&authority.host().to_ascii_lowercase());
@@ -84,5 +80,12 @@ mod tests {
         assert_eq!(loc(Some("evil.com/x"), "/", None), None);
         assert_eq!(loc(Some("user@evil.com"), "/", None), None);
         assert_eq!(loc(Some(""), "/", None), None);
+        assert_eq!(loc(Some("example.com:http"), "/", None), None);
+        assert_eq!(loc(Some("example.com:99999"), "/", None), None);
+        assert_eq!(loc(Some("example.com:+80"), "/", None), None);
+        assert_eq!(
+            loc(Some("example.com:"), "/", Some(8443)).as_deref(),
+            Some("https://example.com:8443/")
+        );
     }
 }
