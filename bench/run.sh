@@ -1,0 +1,696 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: portcullis against nginx, HAProxy and h2o doing the
+# same job (TLS 1.2/1.3 termination, HSTS, X-Forwarded-For, pooled HTTP/1.1
+# keep-alive to one fast upstream), plus the direct-to-upstream ceiling.
+# See bench/README.md. Everything listens on 127.0.0.1 only.
+#
+# Knobs (environment):
+#   DURATION=10s            length of each wrk / h2load run
+#   ROUNDS=3                rounds; servers alternate inside a round, medians are reported
+#   SERVERS="nginx haproxy h2o portcullis direct"
+#   SCENARIOS="ka h2 hs mem jwt"
+#                           ka  keep-alive HTTPS/1.1 (wrk -t2 -c64 --latency)
+#                           h2  HTTP/2 (h2load -c32 -m10 -t2)
+#                           hs  full TLS handshakes, no resumption (bench/handshake.py)
+#                           mem KiB per idle TLS keep-alive connection (bench/idleconns.py)
+#                           jwt portcullis only: jwt = true + rate_limit route vs a plain route
+#   PORTCULLIS_BIN=path     use this binary instead of `cargo build --release`
+#   HANDSHAKES=2000         new connections in the hs scenario
+#   HS_TLS=1.3              TLS version of the hs scenario: 1.3, 1.2 or any
+#   IDLE_CONNS=2000         idle connections in the mem scenario
+#   WORKERS=2               worker processes/threads of every server
+#   UPSTREAM_WORKERS=1      worker processes of the upstream nginx
+#   SKIP_INSTALL=1          do not apt-get anything (tools must be on PATH)
+#   KEEP_TMP=1              keep the temporary directory (configs, logs)
+#   RESULTS_DIR=bench/results
+#   UPSTREAM_PORT=18080 STATUS_PORT=18081 PROXY_PORT=18443
+
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+
+DURATION="${DURATION:-10s}"
+ROUNDS="${ROUNDS:-3}"
+SERVERS="${SERVERS:-nginx haproxy h2o portcullis direct}"
+SCENARIOS="${SCENARIOS:-ka h2 hs mem jwt}"
+HANDSHAKES="${HANDSHAKES:-2000}"
+HS_TLS="${HS_TLS:-1.3}"
+HS_CONCURRENCY="${HS_CONCURRENCY:-4}"
+IDLE_CONNS="${IDLE_CONNS:-2000}"
+WORKERS="${WORKERS:-2}"
+UPSTREAM_WORKERS="${UPSTREAM_WORKERS:-1}"
+RESULTS_DIR="${RESULTS_DIR:-$HERE/results}"
+UPSTREAM_PORT="${UPSTREAM_PORT:-18080}"
+STATUS_PORT="${STATUS_PORT:-18081}"
+PROXY_PORT="${PROXY_PORT:-18443}"
+WRK_THREADS="${WRK_THREADS:-2}"
+WRK_CONNECTIONS="${WRK_CONNECTIONS:-64}"
+H2_CLIENTS="${H2_CLIENTS:-32}"
+H2_STREAMS="${H2_STREAMS:-10}"
+H2_THREADS="${H2_THREADS:-2}"
+PYTHON="${PYTHON:-python3}"
+export PYTHONDONTWRITEBYTECODE=1
+HOST=127.0.0.1
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+has() { [[ " $2 " == *" $1 "* ]]; }
+
+case "$ROUNDS" in '' | *[!0-9]*) die "ROUNDS must be a positive integer" ;; esac
+[[ "$ROUNDS" -ge 1 && "$ROUNDS" -le 50 ]] || die "ROUNDS must be between 1 and 50"
+for s in $SERVERS; do
+    case "$s" in nginx | haproxy | h2o | portcullis | direct) ;; *) die "unknown server '$s' in SERVERS" ;; esac
+done
+for s in $SCENARIOS; do
+    case "$s" in ka | h2 | hs | mem | jwt) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
+done
+
+# seconds in DURATION (wrk and h2load both take 10s / 2m / 10)
+duration_seconds() {
+    local d="$1"
+    case "$d" in
+        *ms) echo 1 ;;
+        *s) echo "${d%s}" ;;
+        *m) echo $((${d%m} * 60)) ;;
+        *h) echo $((${d%h} * 3600)) ;;
+        *) echo "$d" ;;
+    esac
+}
+DURATION_S="$(duration_seconds "$DURATION")"
+[[ "$DURATION_S" =~ ^[0-9]+$ ]] || die "DURATION must look like 10s, 2m or 10"
+RUN_TIMEOUT=$((DURATION_S + 120))
+
+# ---------------------------------------------------------------------------
+# 1. tools
+
+install_tools() {
+    local missing=()
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v h2o >/dev/null || missing+=(h2o)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v h2load >/dev/null || missing+=(nghttp2-client)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v "$PYTHON" >/dev/null || { missing+=(python3); PYTHON=python3; }
+    command -v setsid >/dev/null || missing+=(util-linux)
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "tools present: nginx haproxy h2o wrk h2load openssl curl $PYTHON"
+        return
+    fi
+    [[ "${SKIP_INSTALL:-0}" == 1 ]] && die "missing tools (${missing[*]}) and SKIP_INSTALL=1"
+    [[ "$(id -u)" == 0 ]] || die "missing tools (${missing[*]}); run as root so apt-get can install them"
+    log "installing: ${missing[*]}"
+    apt-get update
+    # The packages' own services must not start (they would listen on :80 and
+    # eat CPU during the run): a policy-rc.d is put in place only if there is
+    # none, and removed again only if we put it there.
+    local policy=/usr/sbin/policy-rc.d created_policy=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# temporary, bench/run.sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        created_policy=1
+    fi
+    local rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" || rc=$?
+    [[ $created_policy == 1 ]] && rm -f "$policy"
+    [[ $rc == 0 ]] || die "apt-get install failed"
+}
+
+# ---------------------------------------------------------------------------
+# 2. processes: everything started is recorded and killed on exit
+
+T=""
+PIDS_FILE=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n "$PIDS_FILE" && -f "$PIDS_FILE" ]]; then
+        local pid
+        while read -r pid; do
+            [[ -n "$pid" ]] && stop_pid "$pid" quiet
+        done <"$PIDS_FILE"
+    fi
+    if [[ -n "$T" && -d "$T" ]]; then
+        if [[ "${KEEP_TMP:-0}" == 1 ]]; then
+            log "kept $T"
+        else
+            rm -rf "$T"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+alive() { # alive PID: running and not a zombie
+    local st
+    [[ -r "/proc/$1/stat" ]] || return 1
+    st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+    [[ -n "$st" && "$st" != Z ]]
+}
+
+# stop_pid PID [quiet]: SIGTERM to the process group (servers are started with
+# setsid, so the group holds the master and its workers), up to 10 s, then SIGKILL.
+stop_pid() {
+    local pid="$1" target="$1" i
+    # field 5 of /proc/PID/stat is the process group (no procps needed)
+    if [[ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f3)" == "$pid" ]]; then
+        target="-$pid"
+    fi
+    kill -TERM -- "$target" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        alive "$pid" || break
+        sleep 0.1
+    done
+    if alive "$pid"; then
+        [[ "${2:-}" == quiet ]] || log "pid $pid did not stop in 10 s: SIGKILL"
+        kill -KILL -- "$target" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    if [[ -n "$PIDS_FILE" && -f "$PIDS_FILE" ]]; then
+        sed -i "/^$pid\$/d" "$PIDS_FILE"
+    fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+wait_port() { # wait_port PORT PID NAME: up to 15 s for the port to accept
+    local port="$1" pid="$2" name="$3" i
+    for ((i = 0; i < 150; i++)); do
+        alive "$pid" || return 1
+        port_open "$port" && return 0
+        sleep 0.1
+    done
+    log "$name did not open port $port within 15 s"
+    return 1
+}
+
+# start_bg NAME LOGPREFIX CMD...: starts CMD in its own session; sets STARTED_PID
+STARTED_PID=""
+start_bg() {
+    local name="$1" logp="$2"
+    shift 2
+    setsid "$@" >"$logp.stdout" 2>"$logp.stderr" </dev/null &
+    STARTED_PID=$!
+    echo "$STARTED_PID" >>"$PIDS_FILE"
+}
+
+# ---------------------------------------------------------------------------
+# 3. setup
+
+install_tools
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE="$(ulimit -n)"
+[[ "$NOFILE" == unlimited ]] && NOFILE=1048576
+if [[ "$NOFILE" -lt $((2 * IDLE_CONNS + 1000)) ]]; then
+    die "open-file limit $NOFILE is too low for IDLE_CONNS=$IDLE_CONNS (hard limit $(ulimit -Hn))"
+fi
+log "open-file limit: $NOFILE (65536 asked; the hard limit here is $(ulimit -Hn))"
+
+for p in "$UPSTREAM_PORT" "$STATUS_PORT" "$PROXY_PORT"; do
+    port_open "$p" && die "port $HOST:$p is already in use (set UPSTREAM_PORT/STATUS_PORT/PROXY_PORT)"
+done
+
+T="$(mktemp -d /tmp/portcullis-bench.XXXXXX)"
+chmod 755 "$T"
+PIDS_FILE="$T/pids"
+: >"$PIDS_FILE"
+mkdir -p "$RESULTS_DIR" "$T/logs"
+RAW="$T/raw.jsonl"
+: >"$RAW"
+: >"$T/checks.tsv"
+: >"$T/notes.txt"
+log "work directory: $T"
+
+# ECDSA P-256 certificate for localhost / 127.0.0.1
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$T/key.pem" -out "$T/cert.pem" -days 7 -subj "/CN=localhost" \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null ||
+    die "openssl could not generate the certificate"
+cat "$T/cert.pem" "$T/key.pem" >"$T/combined.pem"
+chmod 600 "$T/key.pem" "$T/combined.pem"
+
+# portcullis binary
+PORTCULLIS=""
+if has portcullis "$SERVERS"; then
+    if [[ -n "${PORTCULLIS_BIN:-}" ]]; then
+        PORTCULLIS="$PORTCULLIS_BIN"
+    else
+        command -v cargo >/dev/null || die "cargo not found: install Rust or set PORTCULLIS_BIN"
+        log "cargo build --release (in $ROOT)"
+        (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
+        PORTCULLIS="$ROOT/target/release/portcullis"
+    fi
+    [[ -x "$PORTCULLIS" ]] || die "portcullis binary $PORTCULLIS is not executable"
+fi
+
+JWT_SECRET="$(openssl rand -hex 32)"
+export BENCH_JWT_SECRET="$JWT_SECRET"
+HSTS="max-age=31536000; includeSubDomains"
+
+# ---------------------------------------------------------------------------
+# 4. configurations
+
+mkdir -p "$T/upstream" "$T/nginx" "$T/haproxy" "$T/h2o" "$T/portcullis"
+NGINX_CONNS=$((NOFILE / 2 > 16384 ? 16384 : NOFILE / 2))
+HAPROXY_MAXCONN=$((NOFILE / 2 - 200))
+
+common_nginx_paths() { # temp paths inside the prefix, so nothing outside $T is written
+    local d="$1"
+    mkdir -p "$d/tmp"
+    cat <<EOF
+    client_body_temp_path $d/tmp/body;
+    proxy_temp_path $d/tmp/proxy;
+    fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi;
+    scgi_temp_path $d/tmp/scgi;
+EOF
+}
+
+# The one upstream: answers "ok"; stub_status on its own port so every
+# proxy's upstream connections and requests can be counted.
+cat >"$T/upstream/nginx.conf" <<EOF
+user root;
+daemon off;
+worker_processes $UPSTREAM_WORKERS;
+worker_rlimit_nofile $NOFILE;
+pid $T/upstream/nginx.pid;
+error_log $T/upstream/error.log warn;
+events { worker_connections $NGINX_CONNS; }
+http {
+    access_log off;
+    server_tokens off;
+    default_type text/plain;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+$(common_nginx_paths "$T/upstream")
+    server {
+        listen $HOST:$UPSTREAM_PORT;
+        location = /xff { return 200 "\$http_x_forwarded_for"; }
+        location / { return 200 "ok"; }
+    }
+    server {
+        listen $HOST:$STATUS_PORT;
+        location = /status { stub_status; }
+    }
+}
+EOF
+
+cat >"$T/nginx/nginx.conf" <<EOF
+user root;
+daemon off;
+worker_processes $WORKERS;
+worker_rlimit_nofile $NOFILE;
+pid $T/nginx/nginx.pid;
+error_log $T/nginx/error.log warn;
+events { worker_connections $NGINX_CONNS; }
+http {
+    access_log off;
+    server_tokens off;
+    keepalive_requests 100000000;      # 1.22 default 1000 closes client connections (and h2) early
+    keepalive_timeout 300s;
+$(common_nginx_paths "$T/nginx")
+    upstream app {
+        server $HOST:$UPSTREAM_PORT;
+        keepalive 512;                 # idle pool per worker; >= h2's 320 concurrent streams
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen $HOST:$PROXY_PORT ssl http2 reuseport;
+        ssl_certificate $T/cert.pem;
+        ssl_certificate_key $T/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            add_header Strict-Transport-Security "$HSTS" always;
+        }
+    }
+}
+EOF
+
+cat >"$T/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread $WORKERS
+    maxconn $HAPROXY_MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    # no "log" line: no logging at all
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 300s
+    timeout server 30s
+    timeout http-request 10s
+    timeout http-keep-alive 300s
+
+frontend fe
+    bind $HOST:$PROXY_PORT ssl crt $T/combined.pem alpn h2,http/1.1
+    http-request set-header X-Forwarded-For %[src]
+    http-request set-header X-Forwarded-Proto https
+    http-response set-header Strict-Transport-Security "$HSTS"
+    default_backend app
+
+backend app
+    http-reuse always
+    server s1 $HOST:$UPSTREAM_PORT
+EOF
+
+cat >"$T/h2o/h2o.conf" <<EOF
+user: root
+pid-file: $T/h2o/h2o.pid
+num-threads: $WORKERS
+max-connections: 10000
+http1-request-timeout: 300
+http2-idle-timeout: 300
+proxy.timeout.keepalive: 300000
+proxy.preserve-host: ON
+listen:
+  host: $HOST
+  port: $PROXY_PORT
+  ssl:
+    certificate-file: $T/cert.pem
+    key-file: $T/key.pem
+    minimum-version: TLSv1.2
+    ocsp-update-interval: 0     # no OCSP helper process (self-signed cert has no OCSP URI)
+hosts:
+  default:
+    paths:
+      /:
+        proxy.reverse.url: http://$HOST:$UPSTREAM_PORT/
+        header.add: "Strict-Transport-Security: $HSTS"
+EOF
+# h2o adds X-Forwarded-For / X-Forwarded-Proto by default
+# (proxy.emit-x-forwarded-headers: ON) and writes no access log unless told.
+
+cat >"$T/portcullis/proxy.toml" <<EOF
+# HSTS, X-Forwarded-For and the pooled HTTP/1.1 upstream are portcullis's
+# defaults; so are its security headers (more work than the peers do).
+[server]
+https_listen = "$HOST:$PROXY_PORT"
+workers = $WORKERS
+max_connections = 10000
+idle_timeout = "300s"
+shutdown_timeout = "2s"
+
+[tls]
+cert = "$T/cert.pem"
+key = "$T/key.pem"
+min_version = "1.2"
+
+[upstream]
+url = "http://$HOST:$UPSTREAM_PORT"
+pool_idle_timeout = "300s"
+
+[jwt]
+algorithms = ["HS256"]
+secret_env = "BENCH_JWT_SECRET"
+issuer = "bench"
+audience = "bench"
+
+[log]
+format = "json"
+level = "warn"       # access lines are info: none are written
+
+[[routes]]
+path = "/plain"
+
+[[routes]]
+path = "/jwt"
+jwt = true
+rate_limit = { rate = "100000000/s", burst = 100000000, key = "sub" }
+EOF
+
+log "checking configurations"
+nginx -t -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" 2>"$T/logs/check-upstream.txt" ||
+    { cat "$T/logs/check-upstream.txt" >&2; die "upstream nginx config"; }
+if has nginx "$SERVERS"; then
+    nginx -t -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" 2>"$T/logs/check-nginx.txt" ||
+        { cat "$T/logs/check-nginx.txt" >&2; die "nginx config"; }
+fi
+if has haproxy "$SERVERS"; then
+    haproxy -c -f "$T/haproxy/haproxy.cfg" >"$T/logs/check-haproxy.txt" 2>&1 ||
+        { cat "$T/logs/check-haproxy.txt" >&2; die "haproxy config"; }
+fi
+if has h2o "$SERVERS"; then
+    h2o -t -c "$T/h2o/h2o.conf" >"$T/logs/check-h2o.txt" 2>&1 ||
+        { cat "$T/logs/check-h2o.txt" >&2; die "h2o config"; }
+fi
+if has portcullis "$SERVERS"; then
+    "$PORTCULLIS" check --config "$T/portcullis/proxy.toml" >"$T/logs/check-portcullis.txt" 2>&1 ||
+        { cat "$T/logs/check-portcullis.txt" >&2; die "portcullis config"; }
+    TOKEN="$("$PORTCULLIS" token --config "$T/portcullis/proxy.toml" --sub bench --ttl 24h)" ||
+        die "portcullis token failed"
+fi
+
+# ---------------------------------------------------------------------------
+# 5. servers
+
+UPSTREAM_PID=""
+start_upstream() {
+    start_bg upstream "$T/upstream/run" nginx -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log"
+    UPSTREAM_PID=$STARTED_PID
+    wait_port "$UPSTREAM_PORT" "$UPSTREAM_PID" upstream && wait_port "$STATUS_PORT" "$UPSTREAM_PID" upstream ||
+        { cat "$T/upstream/error.log" "$T/upstream/run.stderr" >&2 2>/dev/null; die "upstream nginx did not start"; }
+}
+
+SERVER_PID=""
+start_server() { # start_server NAME
+    local name="$1" d="$T/$1"
+    port_open "$PROXY_PORT" && die "port $PROXY_PORT still in use before starting $name"
+    case "$name" in
+        nginx) start_bg nginx "$d/run" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" ;;
+        haproxy) start_bg haproxy "$d/run" haproxy -db -f "$d/haproxy.cfg" ;;
+        h2o) start_bg h2o "$d/run" h2o -c "$d/h2o.conf" ;;
+        portcullis) start_bg portcullis "$d/run" "$PORTCULLIS" run --config "$d/proxy.toml" ;;
+    esac
+    SERVER_PID=$STARTED_PID
+    if ! wait_port "$PROXY_PORT" "$SERVER_PID" "$name"; then
+        tail -n 30 "$d/run.stderr" "$d/error.log" >&2 2>/dev/null || true
+        die "$name did not start"
+    fi
+    if [[ "$name" == portcullis ]]; then
+        # every worker binds its own SO_REUSEPORT listener: wait for the banner too
+        local i
+        for ((i = 0; i < 50; i++)); do
+            grep -q "https listening" "$d/run.stderr" && break
+            sleep 0.1
+        done
+    fi
+    sleep 0.3
+}
+
+stop_server() {
+    local name="$1"
+    [[ -n "$SERVER_PID" ]] || return 0
+    stop_pid "$SERVER_PID"
+    SERVER_PID=""
+    if [[ "$name" == portcullis ]]; then
+        # level = "warn" must drop the access lines (info); security events
+        # (warn) stay, e.g. the smoke check's deliberate 401
+        local lines
+        lines="$(grep -c '"target":"access"' "$T/portcullis/run.stdout" || true)"
+        if [[ "$lines" != 0 ]]; then
+            echo "portcullis wrote $lines access-log lines on stdout with [log] level = \"warn\"" >>"$T/notes.txt"
+            log "WARNING: portcullis wrote $lines access-log lines at level warn"
+        fi
+        cat "$T/portcullis/run.stdout" >>"$T/logs/portcullis-stdout-all.txt"
+        # keep its stderr for the report (errors under load)
+        cat "$T/portcullis/run.stderr" >>"$T/logs/portcullis-stderr-all.txt"
+    fi
+    # wait (bounded) for the listening socket to go away
+    local i
+    for ((i = 0; i < 50; i++)); do
+        port_open "$PROXY_PORT" || break
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------------------
+# 6. fairness and correctness checks (once per server, before the first round)
+
+check() { # check SERVER TEXT
+    printf '%s\t%s\n' "$1" "$2" >>"$T/checks.tsv"
+    log "check $1: $2"
+}
+
+smoke_check() {
+    local name="$1" url="https://$HOST:$PROXY_PORT" out problems=() x
+    out="$(curl -sk --http1.1 --tlsv1.2 --tls-max 1.2 -D - -o /dev/null -w 'STATUS=%{http_code}' "$url/")" || true
+    [[ "$out" == *"STATUS=200"* ]] || problems+=("TLS 1.2 request did not get 200")
+    out="$(curl -sk --http1.1 --tlsv1.3 -D - -o /dev/null -w 'STATUS=%{http_code}' "$url/")" || true
+    [[ "$out" == *"STATUS=200"* ]] || problems+=("TLS 1.3 request did not get 200")
+    grep -qi "^strict-transport-security: max-age=31536000" <<<"$out" || problems+=("no HSTS header")
+    x="$(curl -sk --http2 -o /dev/null -w '%{http_version}' "$url/")" || true
+    [[ "$x" == 2 ]] || problems+=("HTTP/2 not negotiated (got '$x')")
+    x="$(curl -sk --http1.1 "$url/xff")" || true
+    [[ "$x" == "$HOST" ]] || problems+=("upstream saw X-Forwarded-For '$x', expected $HOST")
+    if curl -sk --http1.1 --tlsv1.1 --tls-max 1.1 -o /dev/null "$url/" 2>/dev/null; then
+        problems+=("TLS 1.1 accepted")
+    fi
+    if [[ ${#problems[@]} -eq 0 ]]; then
+        check "$name" "ok: TLS 1.2 and 1.3 (1.1 refused), h2 by ALPN, HSTS added, X-Forwarded-For=$HOST at the upstream"
+    else
+        check "$name" "PROBLEM: $(IFS='; '; echo "${problems[*]}")"
+    fi
+    if [[ "$name" == portcullis ]]; then
+        local a b
+        a="$(curl -sk -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "$url/jwt")" || true
+        b="$(curl -sk -o /dev/null -w '%{http_code}' "$url/jwt")" || true
+        if [[ "$a" == 200 && "$b" == 401 ]]; then
+            check portcullis "ok: /jwt answers 200 with the bench token and 401 without"
+        else
+            check portcullis "PROBLEM: /jwt answered $a with the token and $b without"
+        fi
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# 7. measurements
+
+STATUS_URL="http://$HOST:$STATUS_PORT/status"
+
+measure() { # measure ROUND SERVER SCENARIO KIND PID CMD...
+    local round="$1" server="$2" scenario="$3" kind="$4" pid="$5"
+    shift 5
+    # in the background, in its own process group, so that a signal reaches
+    # the trap at once and cleanup can stop the load generator too
+    setsid "$PYTHON" "$HERE/benchlib.py" measure --raw "$RAW" --log "$T/logs/r$round-$server-$scenario.log" \
+        --round "$round" --server "$server" --scenario "$scenario" --kind "$kind" --pid "$pid" \
+        --status-url "$STATUS_URL" --timeout "$RUN_TIMEOUT" -- "$@" </dev/null &
+    local mpid=$!
+    echo "$mpid" >>"$PIDS_FILE"
+    wait "$mpid" || log "measurement $server/$scenario failed (log: $T/logs/r$round-$server-$scenario.log; KEEP_TMP=1 keeps it)"
+    sed -i "/^$mpid\$/d" "$PIDS_FILE"
+    sleep 1
+}
+
+run_server_round() { # run_server_round ROUND SERVER
+    local round="$1" name="$2" url="https://$HOST:$PROXY_PORT"
+    if [[ "$name" == direct ]]; then
+        if has ka "$SCENARIOS"; then
+            measure "$round" direct ka wrk "$UPSTREAM_PID" \
+                wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" \
+                "http://$HOST:$UPSTREAM_PORT/"
+        fi
+        return
+    fi
+    # (4) memory first, on a freshly started server
+    if has mem "$SCENARIOS"; then
+        start_server "$name"
+        measure "$round" "$name" mem idle "$SERVER_PID" \
+            "$PYTHON" "$HERE/idleconns.py" --host "$HOST" --port "$PROXY_PORT" --pid "$SERVER_PID" -n "$IDLE_CONNS"
+        stop_server "$name"
+    fi
+    local need=0 s
+    for s in ka h2 hs; do has $s "$SCENARIOS" && need=1; done
+    [[ "$name" == portcullis ]] && has jwt "$SCENARIOS" && need=1
+    [[ $need == 1 ]] || return 0
+    start_server "$name"
+    [[ "$round" == 1 ]] && smoke_check "$name"
+    if has ka "$SCENARIOS"; then
+        measure "$round" "$name" ka wrk "$SERVER_PID" \
+            wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/"
+    fi
+    if has h2 "$SCENARIOS"; then
+        measure "$round" "$name" h2 h2load "$SERVER_PID" \
+            h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -t"$H2_THREADS" -D "$DURATION" "$url/"
+    fi
+    if has hs "$SCENARIOS"; then
+        measure "$round" "$name" hs handshake "$SERVER_PID" \
+            "$PYTHON" "$HERE/handshake.py" --host "$HOST" --port "$PROXY_PORT" -n "$HANDSHAKES" \
+            -c "$HS_CONCURRENCY" --tls "$HS_TLS"
+    fi
+    if [[ "$name" == portcullis ]] && has jwt "$SCENARIOS"; then
+        # the same Authorization header on both routes; the order alternates by round
+        local order=(jwt_plain jwt_auth) sc path
+        ((round % 2 == 0)) && order=(jwt_auth jwt_plain)
+        for sc in "${order[@]}"; do
+            path=/plain
+            [[ "$sc" == jwt_auth ]] && path=/jwt
+            measure "$round" portcullis "$sc" wrk "$SERVER_PID" \
+                wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" \
+                -H "Authorization: Bearer $TOKEN" "$url$path"
+        done
+    fi
+    stop_server "$name"
+}
+
+start_upstream
+log "upstream nginx pid $UPSTREAM_PID on $HOST:$UPSTREAM_PORT (stub_status on :$STATUS_PORT)"
+
+read -r -a SERVER_LIST <<<"$SERVERS"
+N=${#SERVER_LIST[@]}
+for ((round = 1; round <= ROUNDS; round++)); do
+    log "round $round / $ROUNDS"
+    for ((i = 0; i < N; i++)); do
+        # rotate the order every round so no server always goes first or last
+        name="${SERVER_LIST[$(((i + round - 1) % N))]}"
+        run_server_round "$round" "$name"
+    done
+done
+
+# ---------------------------------------------------------------------------
+# 8. report
+
+ver() { "$@" 2>&1 | head -n 1 | tr -d '\n' | sed 's/"/\\"/g'; }
+GIT_REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+GIT_DIRTY="$(cd "$ROOT" && git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo "+dirty" || true)"
+export BENCH_META_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+export BENCH_META_CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+export BENCH_META_CORES="$(nproc)"
+export BENCH_META_KERNEL="$(uname -sr)"
+export BENCH_META_NGINX="$(ver nginx -v)"
+export BENCH_META_HAPROXY="$(ver haproxy -v)"
+export BENCH_META_H2O="$(ver h2o -v)"
+export BENCH_META_WRK="$(wrk -v 2>&1 | head -n1 | cut -c1-60)"
+export BENCH_META_H2LOAD="$(ver h2load --version)"
+export BENCH_META_OPENSSL="$(ver openssl version)"
+export BENCH_META_PORTCULLIS="${PORTCULLIS:+$GIT_REV$GIT_DIRTY ($PORTCULLIS)}"
+export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" bench/run.sh"
+export BENCH_META_NOFILE="$NOFILE"
+export DURATION ROUNDS SERVERS SCENARIOS HANDSHAKES HS_TLS IDLE_CONNS WORKERS UPSTREAM_WORKERS
+"$PYTHON" - "$T/checks.tsv" "$T/notes.txt" "$T/meta.json" <<'EOF'
+import json, os, sys
+checks = {}
+for line in open(sys.argv[1]):
+    if "\t" in line:
+        s, t = line.rstrip("\n").split("\t", 1)
+        checks.setdefault(s, []).append(t)
+notes = [l.strip() for l in open(sys.argv[2]) if l.strip()]
+e = os.environ
+meta = {
+    "date": e["BENCH_META_DATE"], "cpu": e["BENCH_META_CPU"], "cores": e["BENCH_META_CORES"],
+    "kernel": e["BENCH_META_KERNEL"], "duration": e["DURATION"], "rounds": int(e["ROUNDS"]),
+    "servers": e["SERVERS"], "scenarios": e["SCENARIOS"], "handshakes": int(e["HANDSHAKES"]),
+    "handshake_tls": e["HS_TLS"], "idle_connections": int(e["IDLE_CONNS"]), "workers": int(e["WORKERS"]),
+    "upstream_workers": int(e["UPSTREAM_WORKERS"]), "open_file_limit": e["BENCH_META_NOFILE"],
+    "versions": {k: e["BENCH_META_" + k.upper()] for k in
+                 ["nginx", "haproxy", "h2o", "portcullis", "wrk", "h2load", "openssl"] if e.get("BENCH_META_" + k.upper())},
+    "checks": {s: "; ".join(v) for s, v in checks.items()},
+    "notes": notes,
+    "command": e["BENCH_META_COMMAND"],
+}
+json.dump(meta, open(sys.argv[3], "w"), indent=2)
+EOF
+# what portcullis said on stderr / stdout under load, counted by message
+if [[ -s "$T/logs/portcullis-stderr-all.txt" || -s "$T/logs/portcullis-stdout-all.txt" ]]; then
+    "$PYTHON" "$HERE/benchlib.py" summarize-log "$T/logs/portcullis-stderr-all.txt" "$T/logs/portcullis-stdout-all.txt" \
+        --meta "$T/meta.json" || true
+    head -n 200 "$T/logs/portcullis-stderr-all.txt" >"$RESULTS_DIR/latest.portcullis-stderr.txt" 2>/dev/null || true
+fi
+cp "$RAW" "$RESULTS_DIR/latest.raw.jsonl"
+"$PYTHON" "$HERE/benchlib.py" report --raw "$RAW" --meta "$T/meta.json" --servers "$SERVERS" \
+    --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md"
+log "wrote $RESULTS_DIR/latest.md and $RESULTS_DIR/latest.json"
