@@ -47,11 +47,14 @@ pub fn init(json: bool, level: &str) -> LogGuard {
         |meta: &tracing::Metadata<'_>| meta.target() == ACCESS || meta.target() == SECURITY;
     let (stdout, stdout_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .buffered_lines_limit(64 * 1024)
+        // Each queued line's slot is allocated up front: 8k lines is 256 KiB,
+        // enough to absorb bursts while the writer catches up.
+        .buffered_lines_limit(8 * 1024)
         .thread_name("portcullis-log")
         .finish(std::io::stdout());
     let (stderr, stderr_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(1024)
         .thread_name("portcullis-diag")
         .finish(std::io::stderr());
     let records = FilterFn::new(move |meta| is_record(meta));
