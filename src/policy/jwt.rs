@@ -1671,7 +1671,7 @@ pub fn mint_with_kid(
     if pem_label(pem).is_some_and(|l| !l.contains("PRIVATE")) {
         return Err(config_err(
             "key",
-            "is not a private key (expected -----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)",
+            "is not a private key (expected a PEM block labelled PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)",
         ));
     }
     let mut tried = Vec::new();
