@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::fragment::FragmentLog;
@@ -82,11 +82,6 @@ pub struct Activity {
     head_started: AtomicU64,
     /// HTTP/2 frames (pings, settings) are not request heads.
     tracks_heads: bool,
-    /// Signalled when the current deadline may have moved earlier (a request
-    /// ended, so the idle timer starts; a request head started), so the
-    /// connection's timer task looks again instead of sleeping on to a
-    /// deadline that no longer holds.
-    changed: Notify,
 }
 
 impl Activity {
@@ -98,7 +93,6 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             tracks_heads,
-            changed: Notify::new(),
         })
     }
 
@@ -119,14 +113,7 @@ impl Activity {
         {
             self.head_started
                 .store(self.now_ms() + 1, Ordering::Relaxed);
-            self.changed.notify_one();
         }
-    }
-
-    /// Resolves when the deadline may have changed since the last call;
-    /// a change that happened while nobody waited is not lost.
-    pub async fn changed(&self) {
-        self.changed.notified().await;
     }
 
     /// When the connection's current timer runs out, and which one it is.
@@ -170,7 +157,6 @@ impl Drop for InFlight {
             .idle_since
             .store(activity.now_ms(), Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-        activity.changed.notify_one();
     }
 }
 

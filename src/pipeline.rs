@@ -46,6 +46,8 @@ struct RequestContext<'rt> {
     runtime: &'rt Runtime,
     conn: &'rt ConnInfo,
     record: AccessRecord,
+    /// The matched route's metric handles (the unmatched ones until a route matches).
+    route_metrics: &'rt telemetry::RouteMetrics,
     /// Headers a policy wants on the final response (RateLimit on allowed requests).
     rate_limit_info: Option<RateLimitInfo>,
 }
@@ -79,6 +81,7 @@ pub async fn handle(
             tls: conn.tls,
             sub: None,
         },
+        route_metrics: &runtime.routes.unmatched_metrics,
         rate_limit_info: None,
     };
 
@@ -99,20 +102,7 @@ pub async fn handle(
     // 7. metrics now; the access log when the body ends
     let status = response.status().as_u16();
     ctx.record.status = status;
-    let metrics = &conn.shared.metrics;
-    metrics
-        .requests
-        .get_or_create(&telemetry::RequestLabels {
-            route: ctx.record.route.clone(),
-            status,
-        })
-        .inc();
-    metrics
-        .duration
-        .get_or_create(&telemetry::RouteLabels {
-            route: ctx.record.route.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    ctx.route_metrics.record(status, started.elapsed());
     let record = ctx.record;
     Ok(response.map(|body| body.with_access_log(record, started, Some(in_flight))))
 }
@@ -149,6 +139,7 @@ async fn judge_and_forward(
     let route = runtime.routes.find(&normalized.match_path);
     if let Some(route) = route {
         ctx.record.route = route.label.clone();
+        ctx.route_metrics = &route.metrics;
     }
 
     // 3. policies, in SPEC's order

@@ -10,6 +10,7 @@ use http::HeaderValue;
 
 use crate::config::Route;
 use crate::policy::rate_limit::RouteLimiter;
+use crate::telemetry::RouteMetrics;
 
 /// A route ready to judge requests: its configuration plus what the policies
 /// need precomputed (the `Allow` header, its limiter).
@@ -19,21 +20,25 @@ pub struct RouteRuntime {
     pub allow: Option<HeaderValue>,
     pub limiter: Option<Arc<RouteLimiter>>,
     pub max_body_bytes: u64,
+    pub metrics: RouteMetrics,
 }
 
 pub struct RouteTable {
     /// Longest path first, so the first match is the most specific.
     routes: Vec<RouteRuntime>,
-    /// The label of requests that match no route.
+    /// The label of requests that match no route, and their metrics.
     pub unmatched: Arc<str>,
+    pub unmatched_metrics: RouteMetrics,
 }
 
 impl RouteTable {
-    pub fn new(mut routes: Vec<RouteRuntime>) -> Self {
+    pub fn new(mut routes: Vec<RouteRuntime>, metrics: &crate::telemetry::Metrics) -> Self {
         routes.sort_by_key(|route| std::cmp::Reverse(route.config.path.len()));
+        let unmatched: Arc<str> = Arc::from("-");
         RouteTable {
             routes,
-            unmatched: Arc::from("-"),
+            unmatched_metrics: RouteMetrics::new(metrics, unmatched.clone()),
+            unmatched,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::filters::ResponseFilters;
 use crate::policy::method;
 use crate::policy::rate_limit::RouteLimiter;
 use crate::routes::{RouteRuntime, RouteTable};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RouteMetrics};
 use crate::upstream::UpstreamClient;
 
 pub struct Runtime {
@@ -41,6 +41,7 @@ impl Runtime {
         config: Config,
         workers: usize,
         previous: Option<&Runtime>,
+        metrics: &Metrics,
     ) -> anyhow::Result<Self> {
         let tls = TlsAcceptor::from(crate::tls::server_config(&config.tls)?);
         let routes = config
@@ -60,8 +61,10 @@ impl Runtime {
                         .clone()
                         .map(|spec| Arc::new(RouteLimiter::new(spec).with_route(&route.path)))
                 });
+                let label: Arc<str> = Arc::from(route.path.as_str());
                 RouteRuntime {
-                    label: Arc::from(route.path.as_str()),
+                    metrics: RouteMetrics::new(metrics, label.clone()),
+                    label,
                     allow: route.methods.as_deref().and_then(method::allow_header),
                     limiter,
                     max_body_bytes: route.max_body_bytes.unwrap_or(config.server.max_body_bytes),
@@ -85,7 +88,7 @@ impl Runtime {
         Ok(Runtime {
             filters: ResponseFilters::from_config(&config),
             tls,
-            routes: RouteTable::new(routes),
+            routes: RouteTable::new(routes, metrics),
             upstreams,
             identity_headers,
             config,
@@ -108,11 +111,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime, workers: usize) -> Arc<Self> {
+    pub fn new(runtime: Runtime, workers: usize, metrics: Metrics) -> Arc<Self> {
         let max_connections = runtime.config.server.max_connections;
         Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
-            metrics: Metrics::new(),
+            metrics,
             permits: Arc::new(Semaphore::new(max_connections)),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),

@@ -73,8 +73,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let config_path = config.path.clone();
-    let runtime = Runtime::build(config, workers, None)?;
-    let shared = Shared::new(runtime, workers);
+    let metrics = crate::telemetry::Metrics::new();
+    let runtime = Runtime::build(config, workers, None, &metrics)?;
+    let shared = Shared::new(runtime, workers, metrics);
 
     if let Some(http) = &http {
         eprintln!(
@@ -191,7 +192,7 @@ pub fn reload(shared: &Arc<Shared>, config_path: &std::path::Path) {
     {
         tracing::warn!("listen addresses, max_connections and workers change only on restart");
     }
-    match Runtime::build(config, shared.workers, Some(&current)) {
+    match Runtime::build(config, shared.workers, Some(&current), &shared.metrics) {
         Ok(runtime) => {
             if let Some(jwt) = &runtime.config.jwt {
                 jwt.verifier.start_background();
@@ -391,9 +392,17 @@ async fn serve_https(
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
 
+    // One timer serves both deadlines without being touched per request: it
+    // never sleeps longer than `wake_at_least_every`, so a head that starts
+    // while it is armed for a later idle deadline is seen at the next wake,
+    // which then sleeps exactly until that head's own deadline.
+    let wake_at_least_every = header_timeout.min(idle_timeout);
+    let timer = tokio::time::sleep(wake_at_least_every);
+    tokio::pin!(timer);
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut closing = false;
     loop {
-        let (deadline, expiry) = activity.deadline(header_timeout, idle_timeout);
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -401,30 +410,28 @@ async fn serve_https(
                 }
                 return;
             }
-            // A request ending or a head starting can move the deadline
-            // earlier (idle_timeout shorter than header_read_timeout, say):
-            // look again rather than sleep on to the old one.
-            _ = activity.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                let (now_deadline, now_expiry) = activity.deadline(header_timeout, idle_timeout);
-                if now_expiry != expiry || now_deadline > tokio::time::Instant::now() {
-                    continue;
-                }
-                match expiry {
-                    Some(Expiry::HeaderTimeout) => {
-                        record_connection_rejection(&shared, "header_timeout", peer, Some("request head not completed"));
-                        return;
+            () = timer.as_mut() => {
+                let now = tokio::time::Instant::now();
+                let (deadline, expiry) = activity.deadline(header_timeout, idle_timeout);
+                if deadline <= now {
+                    match expiry {
+                        Some(Expiry::HeaderTimeout) => {
+                            record_connection_rejection(&shared, "header_timeout", peer, Some("request head not completed"));
+                            return;
+                        }
+                        Some(Expiry::Idle) if !closing => {
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        // Closing for a whole timer period and still not done: stop waiting.
+                        Some(Expiry::Idle) => return,
+                        None => {}
                     }
-                    Some(Expiry::Idle) if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                    // Already closing and still not done: stop waiting.
-                    Some(Expiry::Idle) => return,
-                    None => {}
                 }
+                let next = if deadline > now { deadline } else { now + wake_at_least_every };
+                timer.as_mut().reset(next.min(now + wake_at_least_every));
             }
-            _ = shared.shutdown.cancelled(), if !closing => {
+            () = shutdown.as_mut(), if !closing => {
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }

@@ -212,6 +212,48 @@ fn duration_histogram() -> Histogram {
     ])
 }
 
+/// One route's metric handles, resolved once per configuration so a request
+/// does no label lookup in a shared map (the duration histogram up front, a
+/// status's counter on its first use).
+pub struct RouteMetrics {
+    label: Arc<str>,
+    requests: Family<RequestLabels, Counter>,
+    /// Indexed by status - 100.
+    by_status: Box<[std::sync::OnceLock<Counter>]>,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Metrics, label: Arc<str>) -> Self {
+        let duration = metrics
+            .duration
+            .get_or_create(&RouteLabels {
+                route: label.clone(),
+            })
+            .clone();
+        RouteMetrics {
+            requests: metrics.requests.clone(),
+            by_status: (100..600).map(|_| std::sync::OnceLock::new()).collect(),
+            duration,
+            label,
+        }
+    }
+
+    pub fn record(&self, status: u16, duration: Duration) {
+        let labels = || RequestLabels {
+            route: self.label.clone(),
+            status,
+        };
+        match self.by_status.get(usize::from(status).wrapping_sub(100)) {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
+        self.duration.observe(duration.as_secs_f64());
+    }
+}
+
 /// The process's metrics. Shared by every worker; lives as long as the process
 /// (a reload keeps the counts).
 pub struct Metrics {

@@ -57,10 +57,8 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         }
         if let Some(rl) = &route.rate_limit {
             policies.push(format!(
-                "rate_limit {}/{}s burst {}",
-                rl.rate.count,
-                rl.rate.per.as_secs(),
-                rl.burst
+                "rate_limit {} burst {} by {}",
+                rl.rate, rl.burst, rl.key
             ));
         }
         if let Some(max) = route.max_body_bytes {
