@@ -40,6 +40,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::path::hex_value;
+
 /// What was wrong with a request head that hyper does not tell the handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Anomaly {
@@ -610,15 +612,6 @@ impl TokenMatch {
 
 fn is_control(byte: u8) -> bool {
     byte < 0x20 || byte == 0x7F
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        b'A'..=b'F' => Some(digit - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -256,7 +256,8 @@ fn without_parameters(path: &str) -> Result<String, PathError> {
     Ok(stripped)
 }
 
-fn hex_value(digit: u8) -> Option<u8> {
+/// The value of one hexadecimal digit; shared by every parser of `%XX` and chunk sizes.
+pub(crate) fn hex_value(digit: u8) -> Option<u8> {
     match digit {
         b'0'..=b'9' => Some(digit - b'0'),
         b'a'..=b'f' => Some(digit - b'a' + 10),

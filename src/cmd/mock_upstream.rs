@@ -381,14 +381,7 @@ fn set_cookies(query: Option<&str>) -> Option<Vec<HeaderValue>> {
 /// `%XX` becomes the byte XX; anything else, a malformed escape included, is
 /// kept as it is. `+` stays `+`, since cookie values (base64) use it.
 fn percent_decode(text: &str) -> Vec<u8> {
-    fn hex(b: u8) -> Option<u8> {
-        match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            b'A'..=b'F' => Some(b - b'A' + 10),
-            _ => None,
-        }
-    }
+    use crate::path::hex_value as hex;
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
