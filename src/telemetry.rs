@@ -57,39 +57,19 @@ pub fn init(json: bool, level: &str) -> LogGuard {
         .buffered_lines_limit(1024)
         .thread_name("portcullis-diag")
         .finish(std::io::stderr());
-    let records = FilterFn::new(move |meta| is_record(meta));
-    let diagnostics = FilterFn::new(move |meta| !is_record(meta));
-    let (stdout_layer, stderr_layer) = if json {
-        (
-            tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_writer(stdout.clone())
-                .with_filter(records)
-                .boxed(),
-            tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_writer(stderr.clone())
-                .with_filter(diagnostics)
-                .boxed(),
-        )
-    } else {
-        (
-            tracing_subscriber::fmt::layer()
-                .with_writer(stdout.clone())
-                .with_filter(records)
-                .boxed(),
-            tracing_subscriber::fmt::layer()
-                .with_writer(stderr.clone())
-                .with_filter(diagnostics)
-                .boxed(),
-        )
-    };
+    use std::io::IsTerminal;
+    let stdout_layer = layer(
+        json,
+        stdout,
+        std::io::stdout().is_terminal(),
+        FilterFn::new(move |meta| is_record(meta)),
+    );
+    let stderr_layer = layer(
+        json,
+        stderr,
+        std::io::stderr().is_terminal(),
+        FilterFn::new(move |meta| !is_record(meta)),
+    );
     // A second init (tests, demo) is harmless: the first subscriber stays.
     let installed = tracing_subscriber::registry()
         .with(stdout_layer.and_then(stderr_layer).with_filter(level))
@@ -98,6 +78,37 @@ pub fn init(json: bool, level: &str) -> LogGuard {
     LogGuard {
         _stdout: installed.then_some(stdout_guard),
         _stderr: installed.then_some(stderr_guard),
+    }
+}
+
+/// One output: JSON objects with the event's fields at the top level, or
+/// text — coloured only on a terminal, since escape codes corrupt log files
+/// and pipelines.
+fn layer<S, F>(
+    json: bool,
+    writer: tracing_appender::non_blocking::NonBlocking,
+    ansi: bool,
+    filter: F,
+) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    F: tracing_subscriber::layer::Filter<S> + Send + Sync + 'static,
+{
+    if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed()
     }
 }
 

@@ -681,3 +681,78 @@ async fn the_demo_serves_the_shipped_config_and_answers_curl() {
         );
     }
 }
+
+/// Plain GET over loopback TCP to the admin listener.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    common::read_until_quiet(&mut tcp, std::time::Duration::from_secs(5)).await
+}
+
+/// SPEC: `portcullis_upstream_errors_total{kind}` counts timeouts as `timeout`.
+#[tokio::test]
+async fn an_upstream_timeout_is_counted_as_kind_timeout() {
+    let upstream = common::Upstream::start().await;
+    let config = common::ProxyConfig {
+        upstream: "timeout = \"300ms\"".into(),
+        ..Default::default()
+    };
+    let proxy = common::Proxy::start(upstream.addr, config).await;
+    let admin = proxy.admin.expect("admin listener");
+    assert!(
+        admin_get(admin, "/metrics")
+            .await
+            .contains("portcullis_upstream_errors_total{kind=\"timeout\"} 0")
+    );
+    assert_eq!(proxy.client().get("/delay/2000").await.status, 504);
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("portcullis_upstream_errors_total{kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_upstream_errors_total{kind=\"connect\"} 0"),
+        "{metrics}"
+    );
+}
+
+/// `[log] format = "text"`: the access record still goes to standard output,
+/// as a text line carrying the same fields, not as JSON.
+#[tokio::test]
+async fn text_log_format_writes_access_lines_as_text() {
+    let upstream = common::Upstream::start().await;
+    let config = common::ProxyConfig {
+        rest: "".into(),
+        ..Default::default()
+    };
+    let proxy = common::Proxy::start_with_log(upstream.addr, config, "text").await;
+    assert_eq!(
+        proxy.client().get("/texty?secret=hunter2").await.status,
+        200
+    );
+    let found = common::eventually(std::time::Duration::from_secs(10), || {
+        proxy
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("/texty"))
+    })
+    .await;
+    let lines = proxy.stdout.lock().unwrap().clone();
+    assert!(found, "no access line: {lines:?}");
+    let line = lines.iter().find(|l| l.contains("/texty")).unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(line).is_err(),
+        "{line}"
+    );
+    for field in ["status=200", "route=-", "method=GET"] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(!lines.iter().any(|l| l.contains("hunter2")), "{lines:?}");
+}

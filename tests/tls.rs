@@ -136,3 +136,18 @@ async fn plain_http_on_the_https_port_gets_400_and_nothing_is_forwarded() {
     assert_eq!(upstream.count(), 0);
     let _ = Method::GET;
 }
+
+/// `[tls] alpn` narrows what is offered: with only http/1.1, a client
+/// asking for h2 first still gets HTTP/1.1, and requests are served.
+#[tokio::test]
+async fn alpn_list_is_what_is_offered() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        tls: "alpn = [\"http/1.1\"]".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    let tls = proxy.client().connect(&[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(proxy.client().get("/one").await.status, 200);
+}

@@ -94,6 +94,15 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the proxy in front of `upstream` and waits until it listens.
     pub async fn start(upstream: SocketAddr, config: ProxyConfig) -> Proxy {
+        Self::start_with_log(upstream, config, "json").await
+    }
+
+    /// As [`Proxy::start`], with `[log] format` set to `log_format`.
+    pub async fn start_with_log(
+        upstream: SocketAddr,
+        config: ProxyConfig,
+        log_format: &str,
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let cert = make_cert(dir.path(), "cert", &["localhost", "127.0.0.1", "::1"]);
         let listeners = if config.no_http {
@@ -102,7 +111,7 @@ impl Proxy {
             "http_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n".to_string()
         };
         let toml = format!(
-            "[server]\nhttps_listen = \"127.0.0.1:0\"\n{listeners}workers = 2\n{}\n\n[tls]\ncert = \"cert.pem\"\nkey = \"cert.key\"\n{}\n\n[upstream]\nurl = \"http://{upstream}\"\n{}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{}\n",
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\n{listeners}workers = 2\n{}\n\n[tls]\ncert = \"cert.pem\"\nkey = \"cert.key\"\n{}\n\n[upstream]\nurl = \"http://{upstream}\"\n{}\n\n[log]\nformat = \"{log_format}\"\nlevel = \"info\"\n\n{}\n",
             config.server, config.tls, config.upstream, config.rest
         );
         let config_path = dir.path().join("proxy.toml");
