@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::connection::InFlight;
 use crate::telemetry::AccessRecord;
+use crate::upstream::UpstreamResponseBody;
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(UpstreamResponseBody),
     Full(Option<Bytes>),
 }
 
@@ -39,7 +39,7 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: UpstreamResponseBody) -> Self {
         ResponseBody {
             inner: Inner::Upstream(body),
             log: None,

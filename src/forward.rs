@@ -208,23 +208,16 @@ pub fn merge_cookie_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// The absolute URI the pooled client needs: upstream authority, normalized path, the client's query untouched.
-pub fn upstream_uri(
-    authority: &http::uri::Authority,
-    path: &str,
-    query: Option<&str>,
-) -> Result<Uri, http::Error> {
+/// The origin-form request target the upstream gets (`/path?query`): the
+/// normalized path, the client's query untouched.
+pub fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
     let mut path_and_query = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
     path_and_query.push_str(path);
     if let Some(query) = query {
         path_and_query.push('?');
         path_and_query.push_str(query);
     }
-    Uri::builder()
-        .scheme(http::uri::Scheme::HTTP)
-        .authority(authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    Uri::builder().path_and_query(path_and_query).build()
 }
 
 #[cfg(test)]

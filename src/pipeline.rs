@@ -271,12 +271,8 @@ fn build_upstream_request(
     body_limit: u64,
 ) -> Result<Request<UpstreamBody>, Rejection> {
     let runtime = ctx.runtime;
-    let uri = forward::upstream_uri(
-        &runtime.config.upstream.authority,
-        normalized_path,
-        parts.uri.query(),
-    )
-    .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?;
+    let uri = forward::upstream_uri(normalized_path, parts.uri.query())
+        .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?;
     let mut headers = std::mem::take(&mut parts.headers);
     // Hop-by-hop first: a client naming an identity header in `Connection`
     // must not make the proxy drop the value it sets below.

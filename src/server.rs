@@ -221,7 +221,7 @@ async fn drain(shared: &Arc<Shared>) {
     }
 }
 
-/// Periodic upkeep: rate-limiter sweeps.
+/// Periodic upkeep: rate-limiter sweeps, idle upstream connections closed.
 async fn maintenance(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -234,6 +234,9 @@ async fn maintenance(shared: Arc<Shared>) {
             if let Some(limiter) = &route.limiter {
                 limiter.sweep();
             }
+        }
+        for upstream in runtime.upstreams.iter() {
+            upstream.sweep();
         }
     }
 }

@@ -569,3 +569,85 @@ async fn a_50_mb_download_is_streamed_through() {
         "RSS grew from {baseline} KiB to {peak} KiB during a 50 MB download"
     );
 }
+
+/// An upstream that answers one request per connection and then closes it
+/// without saying so (no `Connection: close`): what a server does when its
+/// keep-alive timeout fires just after a response.
+async fn closing_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicU64::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Dropped here: closed with no warning.
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn pooled_connections_the_upstream_closed_are_not_used() {
+    let (upstream, connections) = closing_upstream().await;
+    let proxy = Proxy::start(upstream, ProxyConfig::default()).await;
+    let client = proxy.client();
+    // Every request after the first finds its pooled connection closed by
+    // the upstream: it must get a fresh one, never a 502.
+    let mut sender = client.h1().await;
+    for i in 0..30 {
+        let answer = common::send(
+            &mut sender,
+            Method::GET,
+            &format!("/r/{i}"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "request {i}: {}", answer.text());
+        assert_eq!(answer.text(), "ok");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 30);
+}
+
+#[tokio::test]
+async fn pooled_connections_idle_past_pool_idle_timeout_are_replaced() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        upstream.addr,
+        ProxyConfig {
+            upstream: "pool_idle_timeout = \"200ms\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = proxy.client();
+    let mut sender = client.h1().await;
+    let answer = common::send(&mut sender, Method::GET, "/first", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+    // Straight away the pooled connection is reused...
+    let answer = common::send(&mut sender, Method::GET, "/second", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+    // ...but not once it has been idle for longer than pool_idle_timeout (the
+    // waiting is the behaviour under test, not synchronisation).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answer = common::send(&mut sender, Method::GET, "/third", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}
