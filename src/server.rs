@@ -11,15 +11,17 @@
 //! connection to finish (hyper's graceful shutdown), wait for them up to
 //! `shutdown_timeout`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -241,23 +243,28 @@ async fn maintenance(shared: Arc<Shared>) {
     }
 }
 
-fn http_builder(runtime: &Runtime) -> auto::Builder<TokioExecutor> {
+/// The HTTP/1.1 and HTTP/2 connection settings, built once per worker.
+struct HttpBuilders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+fn http_builders(runtime: &Runtime) -> HttpBuilders {
     let server = &runtime.config.server;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .keep_alive(true)
         // Our own check answers 431 with the JSON error up to twice the
         // limit; hyper's bare 431 is only the backstop for larger heads.
         .max_buf_size((server.max_header_bytes * 2 + 4096).max(8192))
         .header_read_timeout(None);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size((server.max_header_bytes * 2) as u32)
         .keep_alive_interval(None);
-    builder
+    HttpBuilders { http1, http2 }
 }
 
 async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc<Shared>) {
@@ -269,7 +276,7 @@ async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc
             return;
         }
     };
-    let builder = Arc::new(http_builder(&shared.runtime.load()));
+    let builders = Arc::new(http_builders(&shared.runtime.load()));
     loop {
         let Some(mut permit) = acquire_slot(&shared).await else {
             return;
@@ -304,14 +311,14 @@ async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc
             }
         };
         let shared_for_task = shared.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         shared.connections.spawn(serve_https(
             tcp,
             peer,
             permit,
             worker,
             shared_for_task,
-            builder,
+            builders,
         ));
     }
 }
@@ -334,7 +341,7 @@ async fn serve_https(
     permit: OwnedSemaphorePermit,
     worker: usize,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<HttpBuilders>,
 ) {
     // Held by the connection's I/O from the handshake on, so that a
     // WebSocket tunnel keeps the slot until it closes.
@@ -344,15 +351,14 @@ async fn serve_https(
     let idle_timeout = runtime.config.server.idle_timeout;
 
     // TLS handshake, bounded by the header timeout (a client that connects
-    // and never starts one must not hold a connection slot).
-    let handshake = async {
-        let mut tcp = tcp;
-        if refuse_plain_http(&mut tcp).await {
-            return None;
-        }
-        runtime.tls.accept(tcp).await.ok()
-    };
-    let tls = match tokio::time::timeout(header_timeout, handshake).await {
+    // and never starts one must not hold a connection slot). Boxed, so that
+    // its state (a whole rustls connection mid-handshake) is freed when it
+    // ends instead of staying reserved in this task for the connection's life.
+    let handshake = Box::pin(tokio::time::timeout(
+        header_timeout,
+        accept_tls(tcp, &runtime.tls),
+    ));
+    let tls = match handshake.await {
         Ok(Some(tls)) => tls,
         Ok(None) => return,
         Err(_) => {
@@ -391,15 +397,67 @@ async fn serve_https(
         fragments,
         activity.clone(),
     ));
-    let service = service_fn(move |request| crate::pipeline::handle(request, info.clone()));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
+    // Boxed per request: hyper keeps the service's future type inline in
+    // every HTTP/1 connection (idle ones too) and moves it into a new task
+    // per HTTP/2 stream; the pipeline's future is a few KiB, a box is 16 bytes.
+    let service =
+        service_fn(move |request| Box::pin(crate::pipeline::handle(request, info.clone())));
+    let io = TokioIo::new(io);
+    let timeouts = Timeouts {
+        header: header_timeout,
+        idle: idle_timeout,
+    };
+    // The protocol is the one ALPN agreed on: HTTP/2 over TLS is only ever
+    // negotiated that way (RFC 9113 §3.2), so nothing is sniffed or buffered
+    // to guess it, and a client that offers no ALPN speaks HTTP/1.1.
+    if is_h2 {
+        let connection = Box::pin(builders.http2.serve_connection(io, service));
+        drive(
+            connection,
+            |c| c.graceful_shutdown(),
+            &activity,
+            timeouts,
+            &shared,
+            peer,
+        )
+        .await;
+    } else {
+        let connection = Box::pin(builders.http1.serve_connection(io, service).with_upgrades());
+        drive(
+            connection,
+            |c| c.graceful_shutdown(),
+            &activity,
+            timeouts,
+            &shared,
+            peer,
+        )
+        .await;
+    }
+}
 
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// Runs a connection to its end: its own header-read and idle deadlines,
+/// and a graceful close when the proxy shuts down. The connection comes
+/// boxed and pinned: an async fn keeps its arguments for its whole life, so
+/// pinning a by-value connection here would reserve room for it twice.
+async fn drive<C: Future<Output = hyper::Result<()>>>(
+    mut connection: Pin<Box<C>>,
+    shut_down_gracefully: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    timeouts: Timeouts,
+    shared: &Shared,
+    peer: SocketAddr,
+) {
     // One timer serves both deadlines without being touched per request: it
     // never sleeps longer than `wake_at_least_every`, so a head that starts
     // while it is armed for a later idle deadline is seen at the next wake,
     // which then sleeps exactly until that head's own deadline.
-    let wake_at_least_every = header_timeout.min(idle_timeout);
+    let wake_at_least_every = timeouts.header.min(timeouts.idle);
     let timer = tokio::time::sleep(wake_at_least_every);
     tokio::pin!(timer);
     let shutdown = shared.shutdown.cancelled();
@@ -409,22 +467,22 @@ async fn serve_https(
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
-                    connection_error(&shared, peer, &*error);
+                    connection_error(shared, peer, &error);
                 }
                 return;
             }
             () = timer.as_mut() => {
                 let now = tokio::time::Instant::now();
-                let (deadline, expiry) = activity.deadline(header_timeout, idle_timeout);
+                let (deadline, expiry) = activity.deadline(timeouts.header, timeouts.idle);
                 if deadline <= now {
                     match expiry {
                         Some(Expiry::HeaderTimeout) => {
-                            record_connection_rejection(&shared, "header_timeout", peer, Some("request head not completed"));
+                            record_connection_rejection(shared, "header_timeout", peer, Some("request head not completed"));
                             return;
                         }
                         Some(Expiry::Idle) if !closing => {
                             closing = true;
-                            connection.as_mut().graceful_shutdown();
+                            shut_down_gracefully(connection.as_mut());
                         }
                         // Closing for a whole timer period and still not done: stop waiting.
                         Some(Expiry::Idle) => return,
@@ -436,10 +494,21 @@ async fn serve_https(
             }
             () = shutdown.as_mut(), if !closing => {
                 closing = true;
-                connection.as_mut().graceful_shutdown();
+                shut_down_gracefully(connection.as_mut());
             }
         }
     }
+}
+
+/// The TLS handshake, unless the client speaks plain HTTP (then it gets a 400).
+async fn accept_tls(
+    mut tcp: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    if refuse_plain_http(&mut tcp).await {
+        return None;
+    }
+    acceptor.accept(tcp).await.ok()
 }
 
 /// A plain-HTTP client on the HTTPS port gets a 400 that says to use
@@ -476,8 +545,8 @@ fn record_connection_rejection(
     telemetry::security_event_with(reason, detail, peer.ip(), None);
 }
 
-fn connection_error(shared: &Shared, peer: SocketAddr, error: &(dyn std::error::Error + 'static)) {
-    if let Some(hyper_error) = error.downcast_ref::<hyper::Error>() {
+fn connection_error(shared: &Shared, peer: SocketAddr, hyper_error: &hyper::Error) {
+    {
         if hyper_error.is_parse_too_large() {
             record_connection_rejection(
                 shared,
@@ -492,7 +561,7 @@ fn connection_error(shared: &Shared, peer: SocketAddr, error: &(dyn std::error::
             return;
         }
     }
-    tracing::debug!(%error, %peer, "connection ended with an error");
+    tracing::debug!(error = %hyper_error, %peer, "connection ended with an error");
 }
 
 /// The HTTP listener: every request gets a 308 to the same URL on HTTPS.
