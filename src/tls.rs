@@ -32,10 +32,33 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// The suites offered, best first. AES-128-GCM with SHA-256 leads: as
+/// strong as needed, and the cheapest handshake — clients such as OpenSSL
+/// list AES-256-GCM-SHA384 first, and SHA-384 has no hardware path on AMD
+/// CPUs in aws-lc (it was a tenth of the proxy's CPU per new connection).
+/// ChaCha20 before AES-256, for clients without AES instructions.
+static PREFERRED_CIPHER_SUITES: &[rustls::SupportedCipherSuite] = {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    &[
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ]
+};
+
 /// Builds the server configuration. Fails only if the crypto provider refuses
 /// the protocol versions, which a validated [`Tls`] never asks for.
 pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: PREFERRED_CIPHER_SUITES.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
@@ -53,6 +76,8 @@ pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, rustls::Error> {
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.clone();
+    // Our order, not the client's (as Go's crypto/tls, hence Caddy, does).
+    config.ignore_client_order = true;
     config.session_storage = ServerSessionMemoryCache::new(16 * 1024);
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     // TLS 1.3 tickets are sent after the handshake; two lets a browser open a
