@@ -1,5 +1,8 @@
 //! The `portcullis` binary: parse the command line, run the command.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;
