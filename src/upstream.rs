@@ -168,7 +168,10 @@ impl Pool {
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => self.connect().await?,
+                // Boxed: connecting is the rare path, and its state (name
+                // resolution, TCP connect, hyper's handshake) would otherwise
+                // be part of every request's future, copied with it.
+                None => Box::pin(self.connect()).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {

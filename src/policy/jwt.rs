@@ -1281,7 +1281,9 @@ impl JwtVerifier {
         match self.verify_pass(token, false) {
             Err(KidNotFound(kid)) => {
                 if let Some(remote) = &self.remote {
-                    remote.refetch_for_kid(&kid).await;
+                    // Boxed: rare, and its state would otherwise enlarge
+                    // every request's future on a JWT route.
+                    Box::pin(remote.refetch_for_kid(&kid)).await;
                 }
                 match self.verify_pass(token, true) {
                     Ok(v) => Ok(v),
