@@ -32,7 +32,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -950,7 +950,8 @@ enum KeyChoice<'k> {
 /// A token that passed signature and claim checks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedToken {
-    pub claims: Map<String, Value>,
+    /// Shared: a token verified once is handed out again from the cache.
+    pub claims: Arc<Map<String, Value>>,
 }
 
 impl VerifiedToken {
@@ -1017,7 +1018,46 @@ pub struct JwtVerifier {
     file_keys: KeySet,
     remote: Option<Arc<Remote>>,
     task: StdMutex<Option<tokio::task::AbortHandle>>,
+    /// Tells this verifier's entries in the per-thread cache from those of
+    /// the verifier a reload replaced.
+    id: u64,
+    leeway_secs: u64,
 }
+
+/// How long a verified token is served from the cache before it is verified
+/// again: bounds how long a key removed from a JWKS is still honoured.
+const VERIFIED_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Tokens cached per worker thread; a full cache is emptied, not scanned.
+const VERIFIED_CACHE_ENTRIES: usize = 4096;
+
+struct CachedToken {
+    token: VerifiedToken,
+    exp: u64,
+    verified_at: Instant,
+    /// The fetched key set at verification time: a refresh that replaces it
+    /// (a key rotated out) makes the entry stale at once.
+    remote_keys: Option<Arc<KeySet>>,
+}
+
+#[derive(Default)]
+struct VerifiedCache {
+    verifier: u64,
+    entries: std::collections::HashMap<Box<str>, CachedToken>,
+}
+
+thread_local! {
+    /// Tokens this worker thread verified lately. A client sends the same
+    /// token with every request until it expires, and verifying it again
+    /// (jsonwebtoken parses the header three times and the claims twice,
+    /// and sets the key up per call) cost more than the rest of a protected
+    /// route's work. Envoy's jwt_authn keeps the same kind of cache. Only
+    /// successes are cached, keyed by the whole token; a hit checks `exp`
+    /// against the clock again; an entry lives at most
+    /// [`VERIFIED_CACHE_TTL`]. Per thread, so a lookup takes no lock.
+    static VERIFIED: std::cell::RefCell<VerifiedCache> = std::cell::RefCell::default();
+}
+
+static NEXT_VERIFIER_ID: AtomicU64 = AtomicU64::new(1);
 
 impl fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1236,6 +1276,8 @@ impl JwtVerifier {
             file_keys,
             remote,
             task: StdMutex::new(None),
+            id: NEXT_VERIFIER_ID.fetch_add(1, Ordering::Relaxed),
+            leeway_secs: leeway,
         })
     }
 
@@ -1278,6 +1320,65 @@ impl JwtVerifier {
     /// triggers a refetch (at most once per `min_refetch_interval`;
     /// concurrent callers share it), which is awaited before one retry.
     pub async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        if let Some(hit) = self.cached(token) {
+            return Ok(hit);
+        }
+        // Taken before verifying: if a refresh replaces the set meanwhile,
+        // the entry is stale from the start.
+        let remote_keys = self.remote.as_ref().map(|r| r.keys.load_full());
+        let verified = self.verify_uncached(token).await?;
+        self.remember(token, &verified, remote_keys);
+        Ok(verified)
+    }
+
+    /// A token this thread verified within the last minute and that has not
+    /// expired since.
+    fn cached(&self, token: &str) -> Option<VerifiedToken> {
+        VERIFIED.with_borrow_mut(|cache| {
+            if cache.verifier != self.id {
+                return None;
+            }
+            let entry = cache.entries.get(token)?;
+            let same_keys = match (&self.remote, &entry.remote_keys) {
+                (Some(remote), Some(keys)) => Arc::ptr_eq(&remote.keys.load(), keys),
+                (None, None) => true,
+                _ => false,
+            };
+            let fresh = same_keys
+                && entry.verified_at.elapsed() < VERIFIED_CACHE_TTL
+                && entry.exp.saturating_add(self.leeway_secs)
+                    >= jsonwebtoken::get_current_timestamp();
+            if fresh {
+                return Some(entry.token.clone());
+            }
+            cache.entries.remove(token);
+            None
+        })
+    }
+
+    fn remember(&self, token: &str, verified: &VerifiedToken, remote_keys: Option<Arc<KeySet>>) {
+        // Verified tokens always carry an integer `exp` (it is required).
+        let Some(exp) = verified.claims.get("exp").and_then(Value::as_u64) else {
+            return;
+        };
+        VERIFIED.with_borrow_mut(|cache| {
+            if cache.verifier != self.id || cache.entries.len() >= VERIFIED_CACHE_ENTRIES {
+                cache.entries.clear();
+                cache.verifier = self.id;
+            }
+            cache.entries.insert(
+                token.into(),
+                CachedToken {
+                    token: verified.clone(),
+                    exp,
+                    verified_at: Instant::now(),
+                    remote_keys,
+                },
+            );
+        });
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         match self.verify_pass(token, false) {
             Err(KidNotFound(kid)) => {
                 if let Some(remote) = &self.remote {
@@ -1371,7 +1472,7 @@ impl JwtVerifier {
             return Err(Final(TokenError::WrongIssuer));
         }
         Ok(VerifiedToken {
-            claims: data.claims,
+            claims: Arc::new(data.claims),
         })
     }
 
@@ -1894,6 +1995,64 @@ mod tests {
         let t = v.verify(&hs(&claims())).await.unwrap();
         assert_eq!(t.subject(), Some("alice"));
         assert_eq!(t.scopes(), vec!["read", "write"]);
+    }
+
+    fn cached_entries_hold(token: &str) -> bool {
+        VERIFIED.with_borrow(|c| c.entries.contains_key(token))
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_served_from_the_thread_cache() {
+        let v = verifier(hs_settings());
+        let t = hs(&claims());
+        assert!(v.cached(&t).is_none());
+        let first = v.verify(&t).await.unwrap();
+        assert!(cached_entries_hold(&t));
+        let hit = v.cached(&t).expect("cached");
+        assert_eq!(hit, first);
+        assert_eq!(v.verify(&t).await.unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn the_cache_never_answers_for_a_different_token() {
+        let v = verifier(hs_settings());
+        let t = hs(&claims());
+        v.verify(&t).await.unwrap();
+        // Same header and claims, one signature character changed.
+        let mut tampered = t.clone();
+        let last = tampered.pop().unwrap();
+        tampered.push(if last == 'A' { 'B' } else { 'A' });
+        assert_eq!(v.verify(&tampered).await, Err(TokenError::BadSignature));
+        assert!(!cached_entries_hold(&tampered));
+    }
+
+    #[tokio::test]
+    async fn an_expired_or_old_cache_entry_is_verified_again() {
+        let v = verifier(hs_settings());
+        let t = hs(&claims());
+        v.verify(&t).await.unwrap();
+        // The token's `exp` passed while it sat in the cache.
+        VERIFIED.with_borrow_mut(|c| c.entries.get_mut(t.as_str()).unwrap().exp = 1);
+        assert!(v.cached(&t).is_none());
+        assert!(!cached_entries_hold(&t), "a stale entry is dropped");
+        // Verified longer ago than the cache's lifetime.
+        v.verify(&t).await.unwrap();
+        VERIFIED.with_borrow_mut(|c| {
+            let entry = c.entries.get_mut(t.as_str()).unwrap();
+            entry.verified_at = Instant::now()
+                .checked_sub(VERIFIED_CACHE_TTL + Duration::from_secs(1))
+                .unwrap();
+        });
+        assert!(v.cached(&t).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_verifier_does_not_inherit_the_cache() {
+        let old = verifier(hs_settings());
+        let t = hs(&claims());
+        old.verify(&t).await.unwrap();
+        let new = verifier(hs_settings());
+        assert!(new.cached(&t).is_none());
     }
 
     #[tokio::test]
@@ -2576,7 +2735,7 @@ mod tests {
 
     fn verified(c: Value) -> VerifiedToken {
         VerifiedToken {
-            claims: c.as_object().unwrap().clone(),
+            claims: Arc::new(c.as_object().unwrap().clone()),
         }
     }
 
