@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,36 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{BIN, Proxy, ProxyConfig, TestCert, TlsClient, Upstream, dead_addr, eventually};
 use http::Method;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A plain HTTP/1.1 GET (the admin listener speaks no TLS): status and body.
-async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
-        .await
-        .expect("admin answers")
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 async fn metrics(proxy: &Proxy) -> String {
-    let (status, body) = plain_get(proxy.admin.expect("admin listener"), "/metrics").await;
+    let (status, body) = common::plain_get(proxy.admin.expect("admin listener"), "/metrics").await;
     assert_eq!(status, 200);
     body
 }
@@ -223,14 +196,14 @@ async fn admin_healthz_and_readyz_follow_the_upstream() {
     let upstream = Upstream::start().await;
     let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
     let admin = proxy.admin.expect("admin listener");
-    assert_eq!(plain_get(admin, "/healthz").await.0, 200);
-    assert_eq!(plain_get(admin, "/readyz").await.0, 200);
-    assert_eq!(plain_get(admin, "/nothing-here").await.0, 404);
+    assert_eq!(common::plain_get(admin, "/healthz").await.0, 200);
+    assert_eq!(common::plain_get(admin, "/readyz").await.0, 200);
+    assert_eq!(common::plain_get(admin, "/nothing-here").await.0, 404);
 
     let down = Proxy::start(dead_addr(), ProxyConfig::default()).await;
     let admin = down.admin.expect("admin listener");
-    assert_eq!(plain_get(admin, "/healthz").await.0, 200);
-    assert_eq!(plain_get(admin, "/readyz").await.0, 503);
+    assert_eq!(common::plain_get(admin, "/healthz").await.0, 200);
+    assert_eq!(common::plain_get(admin, "/readyz").await.0, 503);
 }
 
 #[tokio::test]
@@ -343,7 +316,7 @@ async fn admin_metrics_count_requests_handshakes_rejections_and_connections() {
     let mut last = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        last = plain_get(admin, "/metrics").await.1;
+        last = common::plain_get(admin, "/metrics").await.1;
         if sample(&last, "portcullis_active_connections", &[]) == Some(0.0) {
             break;
         }

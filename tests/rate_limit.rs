@@ -26,7 +26,6 @@ use common::{Answer, BIN, Proxy, ProxyConfig, Upstream, eventually, make_cert};
 use http::Method;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A `1/m` bucket holding 3: nothing refills during a test.
 const SLOW: &str = "rate = \"1/m\", burst = 3";
@@ -197,31 +196,6 @@ async fn assert_refused(
 }
 
 /// A plain HTTP/1.1 GET on the admin listener: status and body.
-async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
-        .await
-        .expect("admin answers")
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// The admin listener's address. `Proxy::start` reads it from stderr as soon
 /// as the https line is there, which the admin line follows: wait for it.
 async fn admin_addr(proxy: &Proxy) -> SocketAddr {
@@ -375,7 +349,7 @@ async fn burst_then_429_with_headers_then_refill_and_other_routes_unaffected() {
     let total_refused = (2 + refused) as f64;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (status, metrics) = admin_get(admin, "/metrics").await;
+        let (status, metrics) = common::plain_get(admin, "/metrics").await;
         assert_eq!(status, 200);
         let counted = sample(
             &metrics,
