@@ -151,3 +151,65 @@ async fn alpn_list_is_what_is_offered() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     assert_eq!(proxy.client().get("/one").await.status, 200);
 }
+
+/// A client that offers no ALPN gets HTTP/1.1: the protocol is the one ALPN
+/// chose, and without ALPN that is HTTP/1.1 (RFC 9113 §3.2).
+#[tokio::test]
+async fn a_client_without_alpn_is_served_http11() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let client = proxy.client();
+    let config = client.config(rustls::DEFAULT_VERSIONS, &[]);
+    let mut tls = client.connect_with(config, "localhost").await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    tls.write_all(b"GET /no-alpn HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let text = common::read_until_quiet(&mut tls, std::time::Duration::from_millis(500)).await;
+    let responses = common::parse_responses(&text);
+    assert_eq!(responses.len(), 1, "{text}");
+    assert_eq!(responses[0].status, 200);
+    assert_eq!(upstream.last().target, "/no-alpn");
+}
+
+/// The server's cipher order wins (AES-128-GCM first), whatever the client
+/// lists first; every suite negotiated is a forward-secret AEAD one.
+#[tokio::test]
+async fn the_server_picks_the_cipher_suite_by_its_own_order() {
+    use rustls::CipherSuite;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let client = proxy.client();
+    for (version, expected) in [
+        (
+            &rustls::version::TLS13,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        // aws-lc-rs's default client order lists AES-256-GCM first.
+        let config = client.config(&[version], &[b"http/1.1"]);
+        let tls = client.connect_with(config, "localhost").await.unwrap();
+        let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, expected, "{version:?}");
+    }
+    // A client that only has AES-256-GCM still gets it.
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.suite() == CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(client.roots.clone())
+        .with_no_client_auth();
+    let tls = client.connect_with(config, "localhost").await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+}
