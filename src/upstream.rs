@@ -104,7 +104,7 @@ impl UpstreamClient {
         {
             request.headers_mut().insert(HOST, host.clone());
         }
-        let sent = tokio::time::timeout(self.pool.timeout, self.pool.clone().send(request)).await;
+        let sent = tokio::time::timeout(self.pool.timeout, self.pool.send(request)).await;
         let error = match sent {
             Err(_elapsed) => return Err(Rejection::Upstream(UpstreamErrorKind::Timeout)),
             Ok(Ok(response)) => return Ok(response),
@@ -155,7 +155,7 @@ impl Pool {
     }
 
     async fn send(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<UpstreamResponseBody>, SendError> {
         let mut stale_retries = 0;
