@@ -39,7 +39,7 @@ use crate::reject::Rejection;
 use crate::routes::RouteRuntime;
 use crate::runtime::Runtime;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::UpstreamBody;
+use crate::upstream::{UpstreamBody, UpstreamUpgrade};
 
 /// What one request has gathered on its way; the typed per-request context.
 struct RequestContext<'rt> {
@@ -197,7 +197,9 @@ async fn judge_and_forward(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(on_client_upgrade) = on_client_upgrade
     {
-        tunnel(on_client_upgrade, hyper::upgrade::on(&mut response));
+        if let Some(upstream) = response.body_mut().take_upgrade() {
+            tunnel(on_client_upgrade, upstream);
+        }
         let (parts, _) = response.into_parts();
         return Ok(Response::from_parts(parts, ResponseBody::empty()));
     }
@@ -308,17 +310,26 @@ fn build_upstream_request(
 }
 
 /// Joins the client's and the upstream's upgraded connections (WebSocket).
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: UpstreamUpgrade) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(client) => client,
             Err(error) => {
                 tracing::debug!(%error, "upgrade failed");
                 return;
             }
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        let UpstreamUpgrade {
+            tcp: mut upstream,
+            early_data,
+        } = upstream;
+        if !early_data.is_empty()
+            && let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut client, &early_data).await
+        {
+            tracing::debug!(%error, "tunnel closed");
+            return;
+        }
         if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(%error, "tunnel closed");
         }

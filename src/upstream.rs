@@ -3,42 +3,55 @@
 //!
 //! One pool per worker thread: each worker runs its own single-threaded
 //! runtime, so a connection and every request it carries stay on one thread
-//! and the pool's lock is never contended. The pool is a stack of hyper's
-//! bare `http1::SendRequest`s (most recently used first, so the warm ones are
-//! reused and the cold ones age out): hyper-util's general-purpose client
-//! cost about a third of the proxy's CPU per request here, in checkout
-//! futures, keyed maps and per-request clones that a single-upstream,
-//! single-thread pool has no use for.
+//! and the pool's lock is never contended. The pool is a stack of idle
+//! sockets (most recently used first, so the warm ones are reused and the
+//! cold ones age out).
+//!
+//! The exchange runs inside the request's own task: the request head is
+//! written, the request body streamed and the response head read by one
+//! future polling the socket directly, and the response body reads from the
+//! same socket as the client's side of the proxy asks for more. A general
+//! HTTP client puts each connection in a task of its own and reaches it over
+//! channels; here that hand-off (two task wake-ups, a channel and a one-shot
+//! per request) cost more CPU than the whole HTTP/1 codec, and the proxy only
+//! ever needs one request at a time per connection. The wire format itself
+//! is in `codec.rs`.
 //!
 //! A connection goes back on the stack when its response body has been read
-//! to the end (then hyper has already made it ready for the next request); a
-//! body dropped half-read takes its connection with it, as do upgrades.
-//! A request that a pooled connection could not even start to send (the
-//! upstream closed it while idle) is retried on another connection: nothing
-//! of it reached the upstream, so this is safe for any method.
+//! to the end and nothing about the exchange makes it doubtful (an early
+//! response to an unfinished request body, `Connection: close`, framing that
+//! ends at close or was ambiguous); an upgraded connection becomes the
+//! upstream half of the tunnel. A pooled connection the upstream closed while
+//! it was idle is noticed before use (its socket reads as closed) or when the
+//! request fails before any response byte; the request is then retried on
+//! another connection if nothing of it can have been acted on: it was not
+//! written at all, or it is idempotent and has no body.
 
+mod codec;
+
+use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::HOST;
-use http::{HeaderValue, Request, Response, StatusCode};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HOST, UPGRADE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
 use crate::policy::limits::{LimitedBody, is_body_too_large};
 use crate::reject::{Rejection, UpstreamErrorKind};
 
-pub type UpstreamBody = LimitedBody<Incoming>;
+use codec::{BodyFraming, ChunkedDecoder, Decoded, RequestFraming};
 
-type Sender = http1::SendRequest<UpstreamBody>;
+pub type UpstreamBody = LimitedBody<Incoming>;
 
 /// Idle connections kept per worker; more are closed when they come back.
 const MAX_IDLE_PER_WORKER: usize = 1024;
@@ -46,6 +59,14 @@ const MAX_IDLE_PER_WORKER: usize = 1024;
 /// How many pooled connections a request tries before it opens a new one:
 /// each try that fails found a connection the upstream had already closed.
 const MAX_STALE_RETRIES: usize = 3;
+
+/// Read buffer reserved for a response: most heads and small bodies arrive
+/// in one read.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Reads of a large body.
+const BODY_READ_BYTES: usize = 32 * 1024;
+/// Request body pieces queued for one vectored write.
+const MAX_WRITE_SLICES: usize = 16;
 
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -63,15 +84,48 @@ struct Pool {
     idle: Mutex<Vec<IdleConnection>>,
 }
 
+/// An upstream connection between exchanges: nothing unread, nothing owed.
+struct Connection {
+    tcp: TcpStream,
+    /// Bytes read and not yet consumed; empty (and unallocated) while idle.
+    read_buffer: BytesMut,
+}
+
 struct IdleConnection {
-    sender: Sender,
+    connection: Connection,
     since: Instant,
 }
 
+/// The upstream's half of a WebSocket tunnel, taken from the body of a
+/// `101 Switching Protocols` response ([`UpstreamResponseBody::take_upgrade`]).
+pub struct UpstreamUpgrade {
+    pub tcp: TcpStream,
+    /// Bytes the upstream sent after its 101 head, already read: they belong
+    /// to the tunnel.
+    pub early_data: Bytes,
+}
+
 /// Why a request never got a response head.
+#[derive(Debug)]
 enum SendError {
     Connect(String),
-    Request(hyper::Error),
+    /// The request's own body failed (too large, or the client went away).
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    Exchange(ExchangeError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("writing the request: {0}")]
+    Write(io::Error),
+    #[error("reading the response: {0}")]
+    Read(io::Error),
+    #[error("the upstream closed the connection before a response")]
+    Closed,
+    #[error("{0}")]
+    Head(#[from] codec::HeadError),
+    #[error("101 Switching Protocols to a request that asked for no upgrade")]
+    UnaskedUpgrade,
 }
 
 impl UpstreamClient {
@@ -94,7 +148,8 @@ impl UpstreamClient {
     }
 
     /// Sends the request; the answer is the upstream's response head (the body
-    /// streams on), or why the upstream failed as a [`Rejection`].
+    /// streams on), or why the upstream failed as a [`Rejection`]. After a
+    /// `101`, the body holds the connection as an [`UpstreamUpgrade`].
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
@@ -112,12 +167,16 @@ impl UpstreamClient {
         };
         let (kind, text) = match error {
             SendError::Connect(text) => (UpstreamErrorKind::Connect, text),
-            SendError::Request(error) => {
-                if is_body_too_large(&error) {
+            SendError::Body(error) => {
+                if is_body_too_large(error.as_ref()) {
                     return Err(Rejection::BodyTooLarge);
                 }
-                (UpstreamErrorKind::Reset, error_chain(&error))
+                (
+                    UpstreamErrorKind::Reset,
+                    format!("reading the client's request body: {error}"),
+                )
             }
+            SendError::Exchange(error) => (UpstreamErrorKind::Reset, error.to_string()),
         };
         tracing::warn!(error = %text, kind = kind.as_str(), "upstream request failed");
         Err(Rejection::Upstream(kind))
@@ -130,12 +189,12 @@ impl UpstreamClient {
         let expired: Vec<IdleConnection> = {
             let mut idle = self.pool.lock();
             let (keep, expired) = std::mem::take(&mut *idle).into_iter().partition(|c| {
-                !c.sender.is_closed() && now.duration_since(c.since) < self.pool.idle_timeout
+                now.duration_since(c.since) < self.pool.idle_timeout && c.connection.looks_open()
             });
             *idle = keep;
             expired
         };
-        // Dropped outside the lock: each ends a connection task.
+        // Closed outside the lock.
         drop(expired);
     }
 
@@ -156,8 +215,30 @@ impl Pool {
 
     async fn send(
         self: &Arc<Self>,
-        mut request: Request<UpstreamBody>,
+        request: Request<UpstreamBody>,
     ) -> Result<Response<UpstreamResponseBody>, SendError> {
+        let (parts, mut body) = request.into_parts();
+        let framing = if body.is_end_stream() {
+            RequestFraming::Empty
+        } else {
+            match body.size_hint().exact() {
+                Some(length) => RequestFraming::Length(length),
+                None => RequestFraming::Chunked,
+            }
+        };
+        let upgrade = parts.headers.contains_key(UPGRADE);
+        let mut head = Vec::with_capacity(256 + parts.headers.len() * 32);
+        codec::encode_request_head(
+            &mut head,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            framing,
+        );
+        let head = Bytes::from(head);
+        // Idempotent and bodiless: the upstream can safely see it twice.
+        let replayable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
+
         let mut stale_retries = 0;
         loop {
             let pooled = if stale_retries < MAX_STALE_RETRIES {
@@ -166,67 +247,127 @@ impl Pool {
                 None
             };
             let reused = pooled.is_some();
-            let mut sender = match pooled {
-                Some(sender) => sender,
-                // Boxed: connecting is the rare path, and its state (name
-                // resolution, TCP connect, hyper's handshake) would otherwise
-                // be part of every request's future, copied with it.
+            let mut connection = match pooled {
+                Some(connection) => connection,
+                // Boxed: connecting is the rare path, and its state would
+                // otherwise be part of every request's future.
                 None => Box::pin(self.connect()).await?,
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let keep = response.status() != StatusCode::SWITCHING_PROTOCOLS;
-                    let give_back = keep.then(|| (sender, self.clone()));
-                    return Ok(response.map(|body| UpstreamResponseBody { body, give_back }));
+            let mut exchange = Exchange {
+                connection: &mut connection,
+                head: head.clone(),
+                body: &mut body,
+                framing,
+                body_pending: Vec::new(),
+                body_started: false,
+                body_done: framing == RequestFraming::Empty,
+                written: 0,
+                response_started: false,
+                method: &parts.method,
+            };
+            let outcome = poll_fn(|cx| exchange.poll(cx)).await;
+            let request_finished = exchange.request_finished();
+            let (retry_allowed, body_started, wrote_nothing) =
+                (replayable, exchange.body_started, exchange.written == 0);
+            let response_started = exchange.response_started;
+            match outcome {
+                Ok(head) => {
+                    return self.response(connection, head, request_finished, upgrade);
                 }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => {
-                        stale_retries += 1;
-                        request = unsent;
-                    }
-                    _ => return Err(SendError::Request(error.into_error())),
-                },
+                Err(SendError::Exchange(error))
+                    if reused
+                        && !response_started
+                        && !body_started
+                        && (wrote_nothing || retry_allowed)
+                        && is_connection_failure(&error) =>
+                {
+                    tracing::debug!(%error, "pooled upstream connection was stale; retrying");
+                    stale_retries += 1;
+                }
+                Err(error) => return Err(error),
             }
         }
     }
 
-    /// The most recently returned connection that is ready for a request.
-    fn checkout(&self) -> Option<Sender> {
+    /// The response with its body reading on from `connection`.
+    fn response(
+        self: &Arc<Self>,
+        connection: Connection,
+        head: codec::ResponseHead,
+        request_finished: bool,
+        upgrade: bool,
+    ) -> Result<Response<UpstreamResponseBody>, SendError> {
+        let mut response = Response::new(UpstreamResponseBody::empty());
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            if !upgrade {
+                return Err(SendError::Exchange(ExchangeError::UnaskedUpgrade));
+            }
+            *response.body_mut() = UpstreamResponseBody {
+                connection: Some(connection),
+                decoding: Decoding::Upgraded,
+                give_back: None,
+            };
+            return Ok(response);
+        }
+        // An upstream that answered before it had the whole request body
+        // leaves the connection in an unknown state.
+        let reusable = head.keep_alive && request_finished;
+        let decoding = match head.framing {
+            BodyFraming::Empty => Decoding::Done,
+            BodyFraming::Length(0) => Decoding::Done,
+            BodyFraming::Length(left) => Decoding::Length(left),
+            BodyFraming::Chunked => Decoding::Chunked(ChunkedDecoder::default()),
+            BodyFraming::UntilClose => Decoding::UntilClose,
+        };
+        let mut body = UpstreamResponseBody {
+            connection: Some(connection),
+            decoding,
+            give_back: reusable.then(|| self.clone()),
+        };
+        if body.is_end_stream() {
+            body.release();
+        }
+        *response.body_mut() = body;
+        Ok(response)
+    }
+
+    /// The most recently returned connection that still looks usable.
+    fn checkout(&self) -> Option<Connection> {
         let mut idle = self.lock();
         let mut now = None;
-        while let Some(connection) = idle.pop() {
-            if connection.sender.is_closed() {
-                continue;
-            }
+        while let Some(idle_connection) = idle.pop() {
             let now = *now.get_or_insert_with(Instant::now);
-            if now.duration_since(connection.since) >= self.idle_timeout {
+            if now.duration_since(idle_connection.since) >= self.idle_timeout {
                 continue;
             }
-            if connection.sender.is_ready() {
-                return Some(connection.sender);
+            if idle_connection.connection.looks_open() {
+                return Some(idle_connection.connection);
             }
-            // Still finishing its previous exchange (rare: connections come
-            // back only after their body ends); leave it for later.
-            idle.insert(0, connection);
-            return None;
         }
         None
     }
 
-    fn give_back(&self, sender: Sender) {
-        if sender.is_closed() {
+    fn give_back(&self, mut connection: Connection) {
+        // Unread bytes after a complete response: the upstream is confused.
+        if !connection.read_buffer.is_empty() {
             return;
         }
+        // The buffer's memory is shared with body pieces still on their way
+        // to the client; an idle connection holds none.
+        connection.read_buffer = BytesMut::new();
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(IdleConnection {
-                sender,
+                connection,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn connect(&self) -> Result<Sender, SendError> {
+    async fn connect(&self) -> Result<Connection, SendError> {
         let tcp = match tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect(self.address.as_str()),
@@ -251,80 +392,332 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let _ = SockRef::from(&tcp)
             .set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(60)));
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(SendError::Request)?;
-        // On the worker's own runtime: the connection never changes threads.
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Connection {
+            tcp,
+            read_buffer: BytesMut::new(),
+        })
     }
 }
 
-/// The upstream's response body; gives its connection back to the pool when
-/// read to the end.
+impl Connection {
+    /// False when the upstream has closed the idle connection (or sent bytes
+    /// nobody asked for). Costs no system call while the socket has not
+    /// become readable.
+    fn looks_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Reads more into the buffer; `Ok(0)` is the upstream closing.
+    fn poll_read_more(&mut self, cx: &mut Context<'_>, reserve: usize) -> Poll<io::Result<usize>> {
+        if self.read_buffer.capacity() - self.read_buffer.len() < reserve / 4 {
+            self.read_buffer.reserve(reserve);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.read_buffer)
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Failures that mean the connection was dead, not that the upstream
+/// answered something wrong.
+fn is_connection_failure(error: &ExchangeError) -> bool {
+    matches!(
+        error,
+        ExchangeError::Write(_) | ExchangeError::Read(_) | ExchangeError::Closed
+    )
+}
+
+/// One request on one connection: writes the head and streams the body
+/// while reading the response head, so an upstream that answers early (a
+/// 413 before reading a large upload) is heard at once.
+struct Exchange<'a> {
+    connection: &'a mut Connection,
+    /// The unwritten rest of the head.
+    head: Bytes,
+    body: &'a mut UpstreamBody,
+    framing: RequestFraming,
+    /// Body bytes (with chunk framing) taken from the client, not yet written.
+    body_pending: Vec<Bytes>,
+    body_started: bool,
+    body_done: bool,
+    /// Request bytes the socket has accepted.
+    written: usize,
+    response_started: bool,
+    method: &'a Method,
+}
+
+impl Exchange<'_> {
+    fn request_finished(&self) -> bool {
+        self.head.is_empty() && self.body_pending.is_empty() && self.body_done
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<codec::ResponseHead, SendError>> {
+        if !self.request_finished() {
+            // Pending here only means the request waits (on the socket or the
+            // client's body); the response may still come.
+            if let Poll::Ready(Err(error)) = self.poll_write_request(cx) {
+                return Poll::Ready(Err(error));
+            }
+        }
+        self.poll_read_head(cx)
+    }
+
+    fn poll_write_request(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        loop {
+            if !self.head.is_empty() || !self.body_pending.is_empty() {
+                let written = {
+                    let mut slices = [io::IoSlice::new(&[]); MAX_WRITE_SLICES + 1];
+                    let mut count = 0;
+                    if !self.head.is_empty() {
+                        slices[0] = io::IoSlice::new(&self.head);
+                        count = 1;
+                    }
+                    for piece in self.body_pending.iter().take(MAX_WRITE_SLICES) {
+                        slices[count] = io::IoSlice::new(piece);
+                        count += 1;
+                    }
+                    ready!(
+                        Pin::new(&mut self.connection.tcp)
+                            .poll_write_vectored(cx, &slices[..count])
+                    )
+                    .map_err(|e| SendError::Exchange(ExchangeError::Write(e)))?
+                };
+                if written == 0 {
+                    return Poll::Ready(Err(SendError::Exchange(ExchangeError::Write(
+                        io::ErrorKind::WriteZero.into(),
+                    ))));
+                }
+                self.written += written;
+                self.consume_written(written);
+                continue;
+            }
+            if self.body_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut *self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    self.body_started = true;
+                    // Trailers are not forwarded: few HTTP/1.1 upstreams read them.
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        if self.framing == RequestFraming::Chunked {
+                            self.body_pending
+                                .push(Bytes::from(format!("{:x}\r\n", data.len())));
+                            self.body_pending.push(data);
+                            self.body_pending.push(Bytes::from_static(b"\r\n"));
+                        } else {
+                            self.body_pending.push(data);
+                        }
+                    }
+                }
+                None => {
+                    self.body_done = true;
+                    if self.framing == RequestFraming::Chunked {
+                        self.body_pending.push(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+                Some(Err(error)) => {
+                    self.body_started = true;
+                    return Poll::Ready(Err(SendError::Body(error)));
+                }
+            }
+        }
+    }
+
+    fn consume_written(&mut self, mut written: usize) {
+        let from_head = written.min(self.head.len());
+        self.head.advance(from_head);
+        written -= from_head;
+        let mut whole = 0;
+        for piece in &mut self.body_pending {
+            if written == 0 {
+                break;
+            }
+            let taken = written.min(piece.len());
+            piece.advance(taken);
+            written -= taken;
+            if piece.is_empty() {
+                whole += 1;
+            }
+        }
+        self.body_pending.drain(..whole);
+    }
+
+    fn poll_read_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<codec::ResponseHead, SendError>> {
+        loop {
+            if !self.connection.read_buffer.is_empty() {
+                self.response_started = true;
+                match codec::parse_response_head(&mut self.connection.read_buffer, self.method) {
+                    Ok(Some(head))
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        // 100 Continue, 103 Early Hints: the final answer follows.
+                        continue;
+                    }
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(error) => {
+                        return Poll::Ready(Err(SendError::Exchange(error.into())));
+                    }
+                }
+            }
+            let read = ready!(self.connection.poll_read_more(cx, READ_BUFFER_BYTES))
+                .map_err(|e| SendError::Exchange(ExchangeError::Read(e)))?;
+            if read == 0 {
+                return Poll::Ready(Err(SendError::Exchange(ExchangeError::Closed)));
+            }
+        }
+    }
+}
+
+enum Decoding {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+    /// After a 101: no body; the connection is the tunnel's.
+    Upgraded,
+}
+
+/// The upstream's response body, read from its connection as the client
+/// side asks for it; gives the connection back to the pool when read to the
+/// end.
 pub struct UpstreamResponseBody {
-    body: Incoming,
-    give_back: Option<(Sender, Arc<Pool>)>,
+    connection: Option<Connection>,
+    decoding: Decoding,
+    /// Set when the connection may carry another request afterwards.
+    give_back: Option<Arc<Pool>>,
 }
 
 impl UpstreamResponseBody {
-    fn release(&mut self) {
-        if let Some((sender, pool)) = self.give_back.take() {
-            pool.give_back(sender);
+    fn empty() -> Self {
+        UpstreamResponseBody {
+            connection: None,
+            decoding: Decoding::Done,
+            give_back: None,
         }
     }
+
+    /// The upstream connection after a `101 Switching Protocols`.
+    pub fn take_upgrade(&mut self) -> Option<UpstreamUpgrade> {
+        if !matches!(self.decoding, Decoding::Upgraded) {
+            return None;
+        }
+        let mut connection = self.connection.take()?;
+        Some(UpstreamUpgrade {
+            early_data: connection.read_buffer.split().freeze(),
+            tcp: connection.tcp,
+        })
+    }
+
+    fn release(&mut self) {
+        let connection = self.connection.take();
+        if let (Some(connection), Some(pool)) = (connection, self.give_back.take()) {
+            pool.give_back(connection);
+        }
+    }
+
+    fn fail(&mut self, error: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.give_back = None;
+        self.connection = None;
+        self.decoding = Decoding::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+fn invalid_data(error: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error.to_string())
 }
 
 impl Body for UpstreamResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
-            // An error leaves the connection unusable: it goes with the body.
-            Poll::Ready(Some(Err(_))) => self.give_back = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.decoding {
+                Decoding::Upgraded => return Poll::Ready(None),
+                Decoding::Done => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Decoding::Length(left) => {
+                    let buffer = &mut connection.read_buffer;
+                    if !buffer.is_empty() {
+                        let take =
+                            usize::try_from(*left).map_or(buffer.len(), |l| l.min(buffer.len()));
+                        let data = buffer.split_to(take).freeze();
+                        *left -= take as u64;
+                        if *left == 0 {
+                            this.decoding = Decoding::Done;
+                            this.release();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Decoding::Chunked(decoder) => match decoder.decode(&mut connection.read_buffer) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Done) => {
+                        this.decoding = Decoding::Done;
+                        continue;
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(error) => return this.fail(invalid_data(error)),
+                },
+                Decoding::UntilClose => {
+                    if !connection.read_buffer.is_empty() {
+                        let data = connection.read_buffer.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(connection.poll_read_more(cx, BODY_READ_BYTES)) {
+                Ok(0) if matches!(this.decoding, Decoding::UntilClose) => {
+                    this.decoding = Decoding::Done;
+                    this.give_back = None;
+                }
+                Ok(0) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the end of the body",
+                    ));
+                }
+                Ok(_) => {}
+                Err(error) => return this.fail(error),
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        matches!(self.decoding, Decoding::Done | Decoding::Upgraded)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for UpstreamResponseBody {
-    fn drop(&mut self) {
-        // Bodies with nothing to read (HEAD, 204, 304) are often dropped
-        // unpolled; their connection is as good as one read to the end.
-        if self.body.is_end_stream() {
-            self.release();
+        match self.decoding {
+            Decoding::Done | Decoding::Upgraded => SizeHint::with_exact(0),
+            Decoding::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
         }
     }
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut current = error.source();
-    while let Some(e) = current {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        current = e.source();
-    }
-    text
 }

@@ -1,0 +1,627 @@
+//! HTTP/1.1 on the upstream leg as pure functions over bytes (RFC 9112): the
+//! request head the proxy writes, the response head it reads, and the
+//! framing of the response body. No I/O here; `upstream.rs` drives the
+//! socket, so every rule below is unit-tested without one.
+//!
+//! The parse is strict where a lenient one would let proxy and upstream
+//! disagree on where a response ends (two different Content-Lengths, a
+//! Content-Length beside Transfer-Encoding, a malformed chunk size): such a
+//! response is refused, or its connection is not reused.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+/// Header fields in one response head; more is refused (hyper's default).
+pub const MAX_RESPONSE_HEADERS: usize = 100;
+/// Bytes in one response head; more is refused (502).
+pub const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+/// Bytes in one chunk-size line (with extensions), and in all trailers.
+const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body at all.
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes the request head. `Content-Length` and `Transfer-Encoding` come
+/// from `framing` only: the client's own were checked by the server side and
+/// are replaced, so the upstream sees exactly the framing the proxy sends.
+pub fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(if target.is_empty() {
+        b"/"
+    } else {
+        target.as_bytes()
+    });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length(length) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(length.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // Upstreams such as nginx answer 411 to a POST without a length.
+        RequestFraming::Empty if expects_body(method) => {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        RequestFraming::Empty => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn expects_body(method: &Method) -> bool {
+    *method == Method::POST || *method == Method::PUT || *method == Method::PATCH
+}
+
+/// Where the response body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: BodyFraming,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("malformed response head: {0}")]
+    Malformed(String),
+    #[error("response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes")]
+    TooLarge,
+    #[error("more than {MAX_RESPONSE_HEADERS} response header fields")]
+    TooManyHeaders,
+    #[error("invalid or conflicting Content-Length")]
+    BadContentLength,
+}
+
+/// Parses a response head from the front of `buffer`. `Ok(None)`: not all of
+/// it has arrived. On success the head's bytes are split off `buffer` (what
+/// follows is body) and the header values point into them, uncopied.
+pub fn parse_response_head(
+    buffer: &mut BytesMut,
+    request_method: &Method,
+) -> Result<Option<ResponseHead>, HeadError> {
+    // (name, value start, value end) per field, resolved against the frozen
+    // head once httparse's borrow of the buffer ends.
+    let mut fields: Vec<(HeaderName, usize, usize)>;
+    let (head_len, status, version) = {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut response = httparse::Response::new(&mut raw);
+        let head_len = match response.parse(buffer) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) if buffer.len() >= MAX_RESPONSE_HEAD_BYTES => {
+                return Err(HeadError::TooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+            Err(error) => return Err(HeadError::Malformed(error.to_string())),
+        };
+        if head_len > MAX_RESPONSE_HEAD_BYTES {
+            return Err(HeadError::TooLarge);
+        }
+        let code = response.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| HeadError::Malformed(format!("status code {code}")))?;
+        let version = match response.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let base = buffer.as_ptr() as usize;
+        fields = Vec::with_capacity(response.headers.len());
+        for field in response.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| HeadError::Malformed(format!("header name {:?}", field.name)))?;
+            let start = field.value.as_ptr() as usize - base;
+            fields.push((name, start, start + field.value.len()));
+        }
+        (head_len, status, version)
+    };
+    let head = buffer.split_to(head_len).freeze();
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, start, end) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| HeadError::Malformed(format!("value of {name}")))?;
+        headers.append(name, value);
+    }
+    let (framing, framing_reusable) = body_framing(status, version, &mut headers, request_method)?;
+    let keep_alive = framing_reusable && connection_persists(version, &headers);
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// RFC 9112 6.3. Also says whether the connection can be reused as far as
+/// framing goes: not after a Content-Length beside Transfer-Encoding (a sign
+/// of a confused or hostile upstream), nor after a body that ends at close.
+fn body_framing(
+    status: StatusCode,
+    version: Version,
+    headers: &mut HeaderMap,
+    request_method: &Method,
+) -> Result<(BodyFraming, bool), HeadError> {
+    if *request_method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((BodyFraming::Empty, true));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let had_length = headers.remove(CONTENT_LENGTH).is_some();
+        let last_coding = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(trim_ascii)
+            .rfind(|coding| !coding.is_empty());
+        let chunked = version == Version::HTTP_11
+            && last_coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked {
+            (BodyFraming::Chunked, !had_length)
+        } else {
+            (BodyFraming::UntilClose, false)
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        // "5, 5" (or two fields of 5) is one length said twice (RFC 9110 8.6).
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let parsed = parse_decimal(trim_ascii(item)).ok_or(HeadError::BadContentLength)?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err(HeadError::BadContentLength);
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(length) => (BodyFraming::Length(length), true),
+        None => (BodyFraming::UntilClose, false),
+    })
+}
+
+fn connection_persists(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for token in headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(trim_ascii)
+    {
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+fn trim_ascii(bytes: &[u8]) -> &[u8] {
+    bytes.trim_ascii()
+}
+
+/// 1*DIGIT, at most 18 digits (no overflow, and no body is that large).
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("malformed chunk size line")]
+    BadSize,
+    #[error("chunk data not followed by CRLF")]
+    BadDelimiter,
+    #[error("chunk size line too long")]
+    LineTooLong,
+    #[error("trailers too large")]
+    TrailersTooLarge,
+}
+
+/// What [`ChunkedDecoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The buffer holds no complete piece; read more.
+    NeedMore,
+    /// The last chunk and the trailers (dropped) have been read.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers {
+        seen: usize,
+    },
+    Done,
+}
+
+/// Decodes `Transfer-Encoding: chunked` (RFC 9112 7.1), handing out the data
+/// as slices of the read buffer. Trailers are read and dropped.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+        }
+    }
+}
+
+impl ChunkedDecoder {
+    #[cfg(test)]
+    fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, ChunkError> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(Decoded::Done),
+                ChunkState::Size => {
+                    let Some(line) = take_line(buffer, MAX_CHUNK_LINE_BYTES)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers { seen: 0 }
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buffer.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = usize::try_from(left).map_or(buffer.len(), |l| l.min(buffer.len()));
+                    let data = buffer.split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(ChunkError::BadDelimiter);
+                    }
+                    let _ = buffer.split_to(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers { seen } => {
+                    let room = MAX_TRAILER_BYTES.saturating_sub(seen);
+                    let line = match take_line(buffer, room) {
+                        Ok(Some(line)) => line,
+                        Ok(None) => return Ok(Decoded::NeedMore),
+                        Err(ChunkError::LineTooLong) => return Err(ChunkError::TrailersTooLarge),
+                        Err(error) => return Err(error),
+                    };
+                    self.state = if line.is_empty() {
+                        ChunkState::Done
+                    } else {
+                        ChunkState::Trailers {
+                            seen: seen + line.len() + 2,
+                        }
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Splits one CRLF-terminated line off the buffer (without the CRLF).
+fn take_line(buffer: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, ChunkError> {
+    let window = &buffer[..buffer.len().min(max + 2)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(lf) if lf >= 1 && window[lf - 1] == b'\r' => {
+            let mut line = buffer.split_to(lf + 1);
+            line.truncate(lf - 1);
+            Ok(Some(line))
+        }
+        Some(_) => Err(ChunkError::BadSize),
+        None if buffer.len() > max + 1 => Err(ChunkError::LineTooLong),
+        None => Ok(None),
+    }
+}
+
+/// `1*HEXDIG [ BWS ";" extensions ]`; extensions are ignored.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    // 15 hex digits: no overflow, and far more than any real chunk.
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(ChunkError::BadSize);
+    }
+    let rest = rest.trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(ChunkError::BadSize);
+    }
+    Ok(digits.iter().fold(0u64, |n, &d| {
+        let value = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        n * 16 + u64::from(value)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
+        parse_response_head(&mut BytesMut::from(raw), &Method::GET)
+    }
+
+    fn head(raw: &[u8]) -> ResponseHead {
+        parse(raw).unwrap().unwrap()
+    }
+
+    #[test]
+    fn request_head_has_one_framing_of_the_proxys_choosing() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("app"));
+        headers.insert("content-length", HeaderValue::from_static("999"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        let uri: Uri = "/p?q=1".parse().unwrap();
+        let mut out = Vec::new();
+        encode_request_head(
+            &mut out,
+            &Method::PUT,
+            &uri,
+            &headers,
+            RequestFraming::Length(5),
+        );
+        assert_eq!(
+            out,
+            b"PUT /p?q=1 HTTP/1.1\r\nhost: app\r\nx-a: 1\r\ncontent-length: 5\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            &uri,
+            &headers,
+            RequestFraming::Empty,
+        );
+        assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::GET,
+            &uri,
+            &HeaderMap::new(),
+            RequestFraming::Empty,
+        );
+        assert_eq!(out, b"GET /p?q=1 HTTP/1.1\r\n\r\n");
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            &uri,
+            &HeaderMap::new(),
+            RequestFraming::Chunked,
+        );
+        assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn partial_head_waits_and_the_body_stays_in_the_buffer() {
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n")
+                .unwrap()
+                .is_none()
+        );
+        let mut buffer =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx: y\r\n\r\nok"[..]);
+        let head = parse_response_head(&mut buffer, &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.framing, BodyFraming::Length(2));
+        assert!(head.keep_alive);
+        assert_eq!(head.headers["x"], "y");
+        assert_eq!(&buffer[..], b"ok");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let te = head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n");
+        assert_eq!((te.framing, te.keep_alive), (BodyFraming::Chunked, true));
+        // Content-Length beside Transfer-Encoding: TE wins, the length goes,
+        // and the connection is not trusted again.
+        let both =
+            head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(
+            (both.framing, both.keep_alive),
+            (BodyFraming::Chunked, false)
+        );
+        assert!(!both.headers.contains_key(CONTENT_LENGTH));
+        let gzip_only = head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n");
+        assert_eq!(
+            (gzip_only.framing, gzip_only.keep_alive),
+            (BodyFraming::UntilClose, false)
+        );
+        let no_length = head(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(
+            (no_length.framing, no_length.keep_alive),
+            (BodyFraming::UntilClose, false)
+        );
+        assert_eq!(
+            head(b"HTTP/1.1 204 No Content\r\n\r\n").framing,
+            BodyFraming::Empty
+        );
+        assert_eq!(
+            head(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n").framing,
+            BodyFraming::Empty
+        );
+        let for_head = parse_response_head(
+            &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"[..]),
+            &Method::HEAD,
+        );
+        assert_eq!(for_head.unwrap().unwrap().framing, BodyFraming::Empty);
+        assert_eq!(
+            head(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n").framing,
+            BodyFraming::Length(5)
+        );
+    }
+
+    #[test]
+    fn conflicting_or_malformed_lengths_are_refused() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).unwrap_err(),
+                HeadError::BadContentLength,
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_reuse() {
+        assert!(
+            !head(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n").keep_alive
+        );
+        assert!(!head(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").keep_alive);
+        assert!(
+            head(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n")
+                .keep_alive
+        );
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        assert!(matches!(
+            parse(b"HTTP/1.1 2000 OK\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(b"HTTX/1.1 200 OK\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_RESPONSE_HEADERS {
+            many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&many).unwrap_err(), HeadError::TooManyHeaders);
+        let mut huge = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
+        huge.resize(MAX_RESPONSE_HEAD_BYTES + 10, b'a');
+        assert_eq!(parse(&huge).unwrap_err(), HeadError::TooLarge);
+    }
+
+    fn decode_all(input: &[u8]) -> Result<(Vec<u8>, bool), ChunkError> {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buffer = BytesMut::new();
+        let mut out = Vec::new();
+        // One byte at a time: every state must survive a split anywhere.
+        for &byte in input {
+            buffer.extend_from_slice(&[byte]);
+            while let Decoded::Data(data) = decoder.decode(&mut buffer)? {
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok((out, decoder.is_done()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let (data, done) =
+            decode_all(b"5;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nx-t: 1\r\n\r\n")
+                .unwrap();
+        assert_eq!(data, b"hello 0123456789");
+        assert!(done);
+        let (data, done) = decode_all(b"3\r\nabc\r\n").unwrap();
+        assert_eq!((data.as_slice(), done), (&b"abc"[..], false));
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        assert_eq!(decode_all(b"zz\r\n").unwrap_err(), ChunkError::BadSize);
+        assert_eq!(
+            decode_all(b"3\r\nabcX\r\n").unwrap_err(),
+            ChunkError::BadDelimiter
+        );
+        assert_eq!(decode_all(b"3\nabc").unwrap_err(), ChunkError::BadSize);
+        assert_eq!(
+            decode_all(b"1000000000000000\r\n").unwrap_err(),
+            ChunkError::BadSize
+        );
+        let mut long = b"1;".to_vec();
+        long.resize(MAX_CHUNK_LINE_BYTES + 10, b'a');
+        assert_eq!(decode_all(&long).unwrap_err(), ChunkError::LineTooLong);
+    }
+}
