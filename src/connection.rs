@@ -27,6 +27,9 @@ pub struct ConnInfo {
     pub shared: Arc<Shared>,
     pub worker: usize,
     pub peer: SocketAddr,
+    /// The peer's address as X-Forwarded-For text, formatted once per
+    /// connection rather than per request.
+    pub peer_header: http::HeaderValue,
     /// TLS version label for the access log ("1.2", "1.3").
     pub tls: &'static str,
     pub is_h2: bool,
@@ -45,10 +48,14 @@ impl ConnInfo {
         fragments: FragmentLog,
         activity: Arc<Activity>,
     ) -> Self {
+        // An IP address's text is always a valid header value.
+        let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
         ConnInfo {
             shared,
             worker,
             peer,
+            peer_header,
             tls,
             is_h2,
             fragments,

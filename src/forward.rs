@@ -3,8 +3,6 @@
 //! (`forward_claims`) removed from what the client sent before the proxy sets
 //! its own from a verified token.
 
-use std::net::IpAddr;
-
 use http::header::{CONNECTION, COOKIE, HOST, HeaderName, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderValue, Uri};
 
@@ -26,10 +24,25 @@ fn protected(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_HOST
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == UPGRADE
+        || name == TE
+        || name == TRAILER
+        || name == TRANSFER_ENCODING
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), those named in `Connection` first.
 /// For a WebSocket upgrade, `Upgrade` and `Connection: upgrade` are kept so the
 /// upstream can accept it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a hash
+    // lookup per hop-by-hop header.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -156,31 +169,32 @@ pub fn strip_identity_headers(headers: &mut HeaderMap, names: &[HeaderName]) {
 
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host`. A client's own XFF (and
 /// `Forwarded`, `X-Real-IP`) is kept only when the peer is a trusted proxy.
+/// `peer` is the peer's address as header text.
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     peer_trusted: bool,
     host: Option<&HeaderValue>,
 ) {
-    let peer_text = peer.to_string();
+    // The three inserts below, at most one growth of the map.
+    headers.reserve(4);
     let xff = match (peer_trusted, headers.get(&X_FORWARDED_FOR)) {
         (true, Some(_)) => {
-            let previous: Vec<&str> = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            HeaderValue::from_str(&format!("{}, {peer_text}", previous.join(", ")))
+            let mut joined: Vec<u8> = Vec::new();
+            for previous in headers.get_all(&X_FORWARDED_FOR) {
+                joined.extend_from_slice(previous.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer.clone())
         }
-        _ => HeaderValue::from_str(&peer_text),
+        _ => peer.clone(),
     };
     if !peer_trusted {
         headers.remove(&FORWARDED);
         headers.remove(&X_REAL_IP);
     }
-    if let Ok(xff) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), xff);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), HTTPS.clone());
     match host {
         Some(host) => {
@@ -271,12 +285,12 @@ mod tests {
 
     #[test]
     fn xff_replaced_unless_trusted() {
-        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let peer = HeaderValue::from_static("192.0.2.7");
         let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
-        set_forwarded_headers(&mut h, peer, false, None);
+        set_forwarded_headers(&mut h, &peer, false, None);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
         let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
-        set_forwarded_headers(&mut h, peer, true, None);
+        set_forwarded_headers(&mut h, &peer, true, None);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 192.0.2.7");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     }

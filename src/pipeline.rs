@@ -287,7 +287,7 @@ fn build_upstream_request(
         .trusted_proxies
         .iter()
         .any(|net| net.contains(&peer));
-    forward::set_forwarded_headers(&mut headers, peer, trusted, host.as_ref());
+    forward::set_forwarded_headers(&mut headers, &ctx.conn.peer_header, trusted, host.as_ref());
     if let (Some(token), Some(jwt)) = (token, &runtime.config.jwt) {
         for (claim, header) in &jwt.forward_claims {
             if let Some(value) = token.claim_as_header_value(claim)

@@ -153,7 +153,8 @@ pub fn parse_response_head(
         (head_len, status, version)
     };
     let head = buffer.split_to(head_len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for what the response filters add (HSTS, security headers).
+    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
     for (name, start, end) in fields {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| HeadError::Malformed(format!("value of {name}")))?;
