@@ -121,9 +121,16 @@ pub fn parse_response_head(
     // head once httparse's borrow of the buffer ends.
     let mut fields: Vec<(HeaderName, usize, usize)>;
     let (head_len, status, version) = {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut response = httparse::Response::new(&mut raw);
-        let head_len = match response.parse(buffer) {
+        // Uninitialized: filling 100 empty fields cost more than parsing.
+        let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+            MAX_RESPONSE_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buffer,
+            &mut raw,
+        );
+        let head_len = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if buffer.len() >= MAX_RESPONSE_HEAD_BYTES => {
                 return Err(HeadError::TooLarge);
