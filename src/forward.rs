@@ -48,8 +48,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .filter(|name| !protected(name) && (!keep_upgrade || name != UPGRADE))
+        .map(str::trim)
+        // These name headers handled below anyway; skipping them saves
+        // building (allocating) a header name for the most common tokens.
+        .filter(|token| {
+            !["keep-alive", "upgrade", ""]
+                .iter()
+                .any(|handled| token.eq_ignore_ascii_case(handled))
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter(|name| !protected(name))
         .collect();
     for name in named {
         headers.remove(name);
@@ -75,19 +83,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// port, nothing else (no user info, path or stray characters).
 pub fn parse_host(host: &str) -> Option<http::uri::Authority> {
     let authority: http::uri::Authority = host.parse().ok()?;
-    if host.contains('@') || authority.host().is_empty() || host.contains(['/', '?', '#', '\\']) {
-        return None;
+    is_plain_host(&authority).then_some(authority)
+}
+
+/// The checks of [`parse_host`] on an authority already parsed (HTTP/2's
+/// `:authority`), without parsing it again.
+fn is_plain_host(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    if text.contains(['@', '/', '?', '#', '\\']) || authority.host().is_empty() {
+        return false;
     }
     // `Authority` takes any text after the colon; a port is digits (RFC 3986
     // allows none at all) that fit in a u16.
-    let port = &authority.as_str()[authority.host().len()..];
-    if let Some(digits) = port.strip_prefix(':')
-        && !digits.is_empty()
-        && !(digits.bytes().all(|b| b.is_ascii_digit()) && digits.parse::<u16>().is_ok())
-    {
-        return None;
+    let port = &text[authority.host().len()..];
+    match port.strip_prefix(':') {
+        Some(digits) if !digits.is_empty() => {
+            digits.bytes().all(|b| b.is_ascii_digit()) && digits.parse::<u16>().is_ok()
+        }
+        _ => true,
     }
-    Some(authority)
 }
 
 /// The host the request is for: the target's authority when it has one
@@ -106,7 +120,7 @@ pub fn request_host(parts: &http::request::Parts) -> Result<Option<HeaderValue>,
         None => None,
     };
     if let Some(authority) = parts.uri.authority() {
-        if parse_host(authority.as_str()).is_none() {
+        if !is_plain_host(authority) {
             return Err("malformed request authority");
         }
         if parts.version == http::Version::HTTP_2

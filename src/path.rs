@@ -37,12 +37,20 @@ use std::fmt;
 pub struct NormalizedPath {
     /// What the upstream receives and what is logged: decoded unreserved chars, dot-segments resolved, slashes merged. Always starts with '/'. `;params` are KEPT here.
     pub path: String,
+    /// `path` without `;parameters`, when it had any (see [`Self::match_path`]);
+    /// `None` saves a copy of the path on almost every request.
+    stripped: Option<String>,
+}
+
+impl NormalizedPath {
     /// What route matching uses: `path` with each segment's `;parameters` suffix removed (`/admin;jsessionid=1/x` -> `/admin/x`).
     ///
     /// A segment that is nothing but parameters (`/;x/admin`) disappears
     /// entirely, as it does in servlet containers, so it cannot be used to
     /// slip an empty segment in front of a protected prefix.
-    pub match_path: String,
+    pub fn match_path(&self) -> &str {
+        self.stripped.as_deref().unwrap_or(&self.path)
+    }
 }
 
 /// Why a request path was refused; every variant is answered with a 400.
@@ -161,8 +169,8 @@ pub fn normalize(raw_path: &str) -> Result<NormalizedPath, PathError> {
     }
     segment.finish(&mut path, SegmentEnd::EndOfPath)?;
 
-    let match_path = without_parameters(&path)?;
-    Ok(NormalizedPath { path, match_path })
+    let stripped = without_parameters(&path)?;
+    Ok(NormalizedPath { path, stripped })
 }
 
 /// Where the segment being built starts in the output, and where its
@@ -227,9 +235,9 @@ impl SegmentCursor {
 /// were nothing but parameters dropped. An encoded `;` (`%3B`) starts
 /// parameters too: an upstream that decodes before it strips parameters
 /// would read `/admin%3Bx` as `/admin`, so the proxy must judge it as that.
-fn without_parameters(path: &str) -> Result<String, PathError> {
+fn without_parameters(path: &str) -> Result<Option<String>, PathError> {
     if !path.contains(';') && !path.contains("%3B") {
-        return Ok(path.to_owned());
+        return Ok(None);
     }
     let mut stripped = String::with_capacity(path.len());
     let mut segments = path[1..].split('/').peekable();
@@ -253,7 +261,7 @@ fn without_parameters(path: &str) -> Result<String, PathError> {
             stripped.push('/');
         }
     }
-    Ok(stripped)
+    Ok((stripped != path).then_some(stripped))
 }
 
 /// The value of one hexadecimal digit; shared by every parser of `%XX` and chunk sizes.
@@ -295,7 +303,7 @@ mod tests {
     fn ok(path: &str, match_path: &str) -> Result<NormalizedPath, PathError> {
         Ok(NormalizedPath {
             path: path.to_owned(),
-            match_path: match_path.to_owned(),
+            stripped: (match_path != path).then(|| match_path.to_owned()),
         })
     }
 
@@ -470,8 +478,8 @@ mod tests {
             return;
         };
         assert_canonical(&normalized.path);
-        assert_canonical(&normalized.match_path);
-        assert!(!normalized.match_path.contains(';'), "{normalized:?}");
+        assert_canonical(normalized.match_path());
+        assert!(!normalized.match_path().contains(';'), "{normalized:?}");
         assert_eq!(normalize(&normalized.path), Ok(normalized.clone()));
     }
 

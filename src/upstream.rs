@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HOST, UPGRADE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use socket2::{SockRef, TcpKeepalive};
@@ -65,6 +65,9 @@ const MAX_STALE_RETRIES: usize = 3;
 const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Reads of a large body.
 const BODY_READ_BYTES: usize = 32 * 1024;
+/// A head buffer larger than this (after an unusually large request head)
+/// is not kept on an idle connection.
+const MAX_KEPT_HEAD_BUFFER: usize = 4 * 1024;
 /// Request body pieces queued for one vectored write.
 const MAX_WRITE_SLICES: usize = 16;
 
@@ -89,6 +92,9 @@ struct Connection {
     tcp: TcpStream,
     /// Bytes read and not yet consumed; empty (and unallocated) while idle.
     read_buffer: BytesMut,
+    /// Where request heads are encoded; kept between requests (a few hundred
+    /// bytes) so that encoding one allocates nothing.
+    head_buffer: Vec<u8>,
 }
 
 struct IdleConnection {
@@ -217,7 +223,7 @@ impl Pool {
         self: &Arc<Self>,
         request: Request<UpstreamBody>,
     ) -> Result<Response<UpstreamResponseBody>, SendError> {
-        let (parts, mut body) = request.into_parts();
+        let (mut parts, mut body) = request.into_parts();
         let framing = if body.is_end_stream() {
             RequestFraming::Empty
         } else {
@@ -227,17 +233,13 @@ impl Pool {
             }
         };
         let upgrade = parts.headers.contains_key(UPGRADE);
-        let mut head = Vec::with_capacity(256 + parts.headers.len() * 32);
-        codec::encode_request_head(
-            &mut head,
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            framing,
-        );
-        let head = Bytes::from(head);
         // Idempotent and bodiless: the upstream can safely see it twice.
         let replayable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
+        // Encoded once, on the first connection's buffer; kept for retries.
+        let mut head: Option<Vec<u8>> = None;
+        // Once the head is encoded the request's header map is free: the
+        // response's fields go into its memory.
+        let mut spare_headers = HeaderMap::new();
 
         let mut stale_retries = 0;
         loop {
@@ -253,9 +255,23 @@ impl Pool {
                 // otherwise be part of every request's future.
                 None => Box::pin(self.connect()).await?,
             };
+            let head = head.get_or_insert_with(|| {
+                let mut buffer = std::mem::take(&mut connection.head_buffer);
+                buffer.clear();
+                codec::encode_request_head(
+                    &mut buffer,
+                    &parts.method,
+                    &parts.uri,
+                    &parts.headers,
+                    framing,
+                );
+                spare_headers = std::mem::take(&mut parts.headers);
+                buffer
+            });
             let mut exchange = Exchange {
                 connection: &mut connection,
-                head: head.clone(),
+                head,
+                head_written: 0,
                 body: &mut body,
                 framing,
                 body_pending: Vec::new(),
@@ -264,6 +280,7 @@ impl Pool {
                 written: 0,
                 response_started: false,
                 method: &parts.method,
+                spare_headers: &mut spare_headers,
             };
             let outcome = poll_fn(|cx| exchange.poll(cx)).await;
             let request_finished = exchange.request_finished();
@@ -271,8 +288,9 @@ impl Pool {
                 (replayable, exchange.body_started, exchange.written == 0);
             let response_started = exchange.response_started;
             match outcome {
-                Ok(head) => {
-                    return self.response(connection, head, request_finished, upgrade);
+                Ok(response_head) => {
+                    connection.head_buffer = std::mem::take(head);
+                    return self.response(connection, response_head, request_finished, upgrade);
                 }
                 Err(SendError::Exchange(error))
                     if reused
@@ -358,6 +376,9 @@ impl Pool {
         // The buffer's memory is shared with body pieces still on their way
         // to the client; an idle connection holds none.
         connection.read_buffer = BytesMut::new();
+        if connection.head_buffer.capacity() > MAX_KEPT_HEAD_BUFFER {
+            connection.head_buffer = Vec::new();
+        }
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(IdleConnection {
@@ -395,6 +416,7 @@ impl Pool {
         Ok(Connection {
             tcp,
             read_buffer: BytesMut::new(),
+            head_buffer: Vec::new(),
         })
     }
 }
@@ -438,8 +460,9 @@ fn is_connection_failure(error: &ExchangeError) -> bool {
 /// 413 before reading a large upload) is heard at once.
 struct Exchange<'a> {
     connection: &'a mut Connection,
-    /// The unwritten rest of the head.
-    head: Bytes,
+    head: &'a [u8],
+    /// How much of `head` the socket has accepted.
+    head_written: usize,
     body: &'a mut UpstreamBody,
     framing: RequestFraming,
     /// Body bytes (with chunk framing) taken from the client, not yet written.
@@ -450,11 +473,13 @@ struct Exchange<'a> {
     written: usize,
     response_started: bool,
     method: &'a Method,
+    /// Memory for the response's header map.
+    spare_headers: &'a mut HeaderMap,
 }
 
 impl Exchange<'_> {
     fn request_finished(&self) -> bool {
-        self.head.is_empty() && self.body_pending.is_empty() && self.body_done
+        self.head_written == self.head.len() && self.body_pending.is_empty() && self.body_done
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<codec::ResponseHead, SendError>> {
@@ -470,12 +495,13 @@ impl Exchange<'_> {
 
     fn poll_write_request(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         loop {
-            if !self.head.is_empty() || !self.body_pending.is_empty() {
+            let head_rest = &self.head[self.head_written..];
+            if !head_rest.is_empty() || !self.body_pending.is_empty() {
                 let written = {
                     let mut slices = [io::IoSlice::new(&[]); MAX_WRITE_SLICES + 1];
                     let mut count = 0;
-                    if !self.head.is_empty() {
-                        slices[0] = io::IoSlice::new(&self.head);
+                    if !head_rest.is_empty() {
+                        slices[0] = io::IoSlice::new(head_rest);
                         count = 1;
                     }
                     for piece in self.body_pending.iter().take(MAX_WRITE_SLICES) {
@@ -532,8 +558,8 @@ impl Exchange<'_> {
     }
 
     fn consume_written(&mut self, mut written: usize) {
-        let from_head = written.min(self.head.len());
-        self.head.advance(from_head);
+        let from_head = written.min(self.head.len() - self.head_written);
+        self.head_written += from_head;
         written -= from_head;
         let mut whole = 0;
         for piece in &mut self.body_pending {
@@ -557,7 +583,11 @@ impl Exchange<'_> {
         loop {
             if !self.connection.read_buffer.is_empty() {
                 self.response_started = true;
-                match codec::parse_response_head(&mut self.connection.read_buffer, self.method) {
+                match codec::parse_response_head(
+                    &mut self.connection.read_buffer,
+                    self.method,
+                    self.spare_headers,
+                ) {
                     Ok(Some(head))
                         if head.status.is_informational()
                             && head.status != StatusCode::SWITCHING_PROTOCOLS =>

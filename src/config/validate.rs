@@ -549,7 +549,7 @@ fn routes(sections: &[file::RouteSection], has_jwt: bool, _base_dir: &Path) -> R
                 format!(
                     r#"write the path in normalized form without ';' or a trailing '/', e.g. "{}""#,
                     normalized
-                        .match_path
+                        .match_path()
                         .trim_end_matches('/')
                         .replace("//", "/")
                 ),

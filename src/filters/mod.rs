@@ -40,8 +40,8 @@ impl ResponseFilters {
             headers.insert(name.clone(), value.clone());
         }
         for (name, value) in &self.rules.add {
-            if !headers.contains_key(name) {
-                headers.insert(name.clone(), value.clone());
+            if let http::header::Entry::Vacant(vacant) = headers.entry(name) {
+                vacant.insert(value.clone());
             }
         }
         if let http::header::Entry::Occupied(mut cookies) = headers.entry(SET_COOKIE) {

@@ -9,7 +9,9 @@
 //! response is refused, or its connection is not reused.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 /// Header fields in one response head; more is refused (hyper's default).
@@ -112,15 +114,19 @@ pub enum HeadError {
 
 /// Parses a response head from the front of `buffer`. `Ok(None)`: not all of
 /// it has arrived. On success the head's bytes are split off `buffer` (what
-/// follows is body) and the header values point into them, uncopied.
+/// follows is body) and the header values point into them, uncopied. The
+/// fields go into `spare`, an empty map whose memory is reused (the proxy
+/// passes the request's own map, done with once the request head is
+/// written); it is taken, and left empty, only when a head is complete.
 pub fn parse_response_head(
     buffer: &mut BytesMut,
     request_method: &Method,
+    spare: &mut HeaderMap,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    // (name, value start, value end) per field, resolved against the frozen
-    // head once httparse's borrow of the buffer ends.
-    let mut fields: Vec<(HeaderName, usize, usize)>;
-    let (head_len, status, version) = {
+    // Byte offsets of each field's name and value, resolved against the
+    // frozen head once httparse's borrow of the buffer ends.
+    let mut offsets = [[0u32; 4]; MAX_RESPONSE_HEADERS];
+    let (head_len, field_count, status, version) = {
         // Uninitialized: filling 100 empty fields cost more than parsing.
         let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
             MAX_RESPONSE_HEADERS];
@@ -150,25 +156,54 @@ pub fn parse_response_head(
             _ => Version::HTTP_11,
         };
         let base = buffer.as_ptr() as usize;
-        fields = Vec::with_capacity(response.headers.len());
-        for field in response.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| HeadError::Malformed(format!("header name {:?}", field.name)))?;
-            let start = field.value.as_ptr() as usize - base;
-            fields.push((name, start, start + field.value.len()));
+        // Offsets fit in u32: the head is at most MAX_RESPONSE_HEAD_BYTES.
+        let offset = |bytes: &[u8]| (bytes.as_ptr() as usize - base) as u32;
+        for (slot, field) in offsets.iter_mut().zip(response.headers.iter()) {
+            let name = offset(field.name.as_bytes());
+            let value = offset(field.value);
+            *slot = [
+                name,
+                name + field.name.len() as u32,
+                value,
+                value + field.value.len() as u32,
+            ];
         }
-        (head_len, status, version)
+        (head_len, response.headers.len(), status, version)
     };
     let head = buffer.split_to(head_len).freeze();
+    let mut headers = std::mem::take(spare);
+    headers.clear();
     // Room for what the response filters add (HSTS, security headers).
-    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
-    for (name, start, end) in fields {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-            .map_err(|_| HeadError::Malformed(format!("value of {name}")))?;
-        headers.append(name, value);
+    headers.reserve(field_count + 8);
+    // A 101's Connection and Upgrade are the client's business: kept as sent.
+    let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut facts = FramingFacts::default();
+    for &[name_start, name_end, value_start, value_end] in &offsets[..field_count] {
+        let name = &head[name_start as usize..name_end as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| {
+            HeadError::Malformed(format!("header name {:?}", String::from_utf8_lossy(name)))
+        })?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| HeadError::Malformed(format!("value of {name}")))?;
+        // Framing is read and hop-by-hop fields (RFC 9110 7.6.1) are dropped
+        // in this one pass, rather than looked up and removed afterwards.
+        if !facts.note(&name, &value)? || keep_hop_by_hop {
+            headers.append(name, value);
+        }
     }
-    let (framing, framing_reusable) = body_framing(status, version, &mut headers, request_method)?;
-    let keep_alive = framing_reusable && connection_persists(version, &headers);
+    if !keep_hop_by_hop {
+        for name in &facts.named_by_connection {
+            headers.remove(name);
+        }
+    }
+    let (framing, framing_reusable) = facts.framing(status, version, request_method);
+    if facts.transfer_encoding && facts.content_length.is_some() {
+        // Transfer-Encoding wins; a length beside it is not passed on.
+        headers.remove(CONTENT_LENGTH);
+    }
+    let keep_alive =
+        framing_reusable && !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
     Ok(Some(ResponseHead {
         status,
         version,
@@ -178,69 +213,93 @@ pub fn parse_response_head(
     }))
 }
 
-/// RFC 9112 6.3. Also says whether the connection can be reused as far as
-/// framing goes: not after a Content-Length beside Transfer-Encoding (a sign
-/// of a confused or hostile upstream), nor after a body that ends at close.
-fn body_framing(
-    status: StatusCode,
-    version: Version,
-    headers: &mut HeaderMap,
-    request_method: &Method,
-) -> Result<(BodyFraming, bool), HeadError> {
-    if *request_method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((BodyFraming::Empty, true));
-    }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let had_length = headers.remove(CONTENT_LENGTH).is_some();
-        let last_coding = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-            .map(trim_ascii)
-            .rfind(|coding| !coding.is_empty());
-        let chunked = version == Version::HTTP_11
-            && last_coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-        return Ok(if chunked {
-            (BodyFraming::Chunked, !had_length)
-        } else {
-            (BodyFraming::UntilClose, false)
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        // "5, 5" (or two fields of 5) is one length said twice (RFC 9110 8.6).
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let parsed = parse_decimal(trim_ascii(item)).ok_or(HeadError::BadContentLength)?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(HeadError::BadContentLength);
-            }
-            length = Some(parsed);
-        }
-    }
-    Ok(match length {
-        Some(length) => (BodyFraming::Length(length), true),
-        None => (BodyFraming::UntilClose, false),
-    })
+/// What a response head's fields say about its framing and its connection.
+#[derive(Default)]
+struct FramingFacts {
+    transfer_encoding: bool,
+    /// Whether the last transfer coding seen is `chunked`.
+    chunked_last: bool,
+    content_length: Option<u64>,
+    close: bool,
+    keep_alive: bool,
+    /// Headers the `Connection` field names as hop-by-hop (rare).
+    named_by_connection: Vec<HeaderName>,
 }
 
-fn connection_persists(version: Version, headers: &HeaderMap) -> bool {
-    let mut close = false;
-    let mut keep_alive = false;
-    for token in headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(trim_ascii)
-    {
-        close |= token.eq_ignore_ascii_case(b"close");
-        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+impl FramingFacts {
+    /// Takes in one field; true if it is hop-by-hop (not to be passed on).
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, HeadError> {
+        let items = || value.as_bytes().split(|&b| b == b',').map(trim_ascii);
+        if name == CONTENT_LENGTH {
+            // "5, 5" (or two fields of 5) is one length said twice (RFC 9110 8.6).
+            for item in items() {
+                let parsed = parse_decimal(item).ok_or(HeadError::BadContentLength)?;
+                if self.content_length.is_some_and(|l| l != parsed) {
+                    return Err(HeadError::BadContentLength);
+                }
+                self.content_length = Some(parsed);
+            }
+            return Ok(false);
+        }
+        if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            if let Some(last) = items().rfind(|coding| !coding.is_empty()) {
+                self.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+            }
+            return Ok(true);
+        }
+        if name == CONNECTION {
+            for token in items() {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if let Ok(named) = HeaderName::from_bytes(token) {
+                    self.named_by_connection.push(named);
+                }
+            }
+            return Ok(true);
+        }
+        Ok(name == UPGRADE
+            || name == TE
+            || name == TRAILER
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION)
     }
-    !close && (version == Version::HTTP_11 || keep_alive)
+
+    /// RFC 9112 6.3. Also says whether the connection can be reused as far as
+    /// framing goes: not after a Content-Length beside Transfer-Encoding (a
+    /// sign of a confused or hostile upstream), nor after a body that ends at
+    /// close.
+    fn framing(
+        &self,
+        status: StatusCode,
+        version: Version,
+        method: &Method,
+    ) -> (BodyFraming, bool) {
+        if *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return (BodyFraming::Empty, true);
+        }
+        if self.transfer_encoding {
+            return if version == Version::HTTP_11 && self.chunked_last {
+                (BodyFraming::Chunked, self.content_length.is_none())
+            } else {
+                (BodyFraming::UntilClose, false)
+            };
+        }
+        match self.content_length {
+            Some(length) => (BodyFraming::Length(length), true),
+            None => (BodyFraming::UntilClose, false),
+        }
+    }
 }
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn trim_ascii(bytes: &[u8]) -> &[u8] {
     bytes.trim_ascii()
@@ -421,7 +480,11 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
-        parse_response_head(&mut BytesMut::from(raw), &Method::GET)
+        parse_response_head(
+            &mut BytesMut::from(raw),
+            &Method::GET,
+            &mut HeaderMap::new(),
+        )
     }
 
     fn head(raw: &[u8]) -> ResponseHead {
@@ -485,9 +548,12 @@ mod tests {
         );
         let mut buffer =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx: y\r\n\r\nok"[..]);
-        let head = parse_response_head(&mut buffer, &Method::GET)
+        let mut spare = HeaderMap::new();
+        spare.insert("x-old", HeaderValue::from_static("gone"));
+        let head = parse_response_head(&mut buffer, &Method::GET, &mut spare)
             .unwrap()
             .unwrap();
+        assert!(!head.headers.contains_key("x-old") && spare.is_empty());
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.framing, BodyFraming::Length(2));
         assert!(head.keep_alive);
@@ -529,6 +595,7 @@ mod tests {
         let for_head = parse_response_head(
             &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"[..]),
             &Method::HEAD,
+            &mut HeaderMap::new(),
         );
         assert_eq!(for_head.unwrap().unwrap().framing, BodyFraming::Empty);
         assert_eq!(
@@ -552,6 +619,22 @@ mod tests {
                 "{raw:?}"
             );
         }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_dropped_except_from_a_101() {
+        let plain = head(
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nkeep-alive: timeout=5\r\n\
+              x-secret: 1\r\nupgrade: h2c\r\ntrailer: x\r\ncontent-length: 0\r\nx-app: 2\r\n\r\n",
+        );
+        let mut names: Vec<&str> = plain.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-app"]);
+        let switching = head(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        );
+        assert_eq!(switching.headers["upgrade"], "websocket");
+        assert_eq!(switching.headers["connection"], "upgrade");
     }
 
     #[test]
