@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{CONNECTION, HOST};
+use http::header::CONNECTION;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -39,7 +39,7 @@ use crate::reject::Rejection;
 use crate::routes::RouteRuntime;
 use crate::runtime::Runtime;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{UpstreamBody, UpstreamUpgrade};
+use crate::upstream::{UpstreamRequest, UpstreamUpgrade};
 
 /// What one request has gathered on its way; the typed per-request context.
 struct RequestContext<'rt> {
@@ -271,7 +271,7 @@ fn build_upstream_request(
     upgrade: bool,
     body: Incoming,
     body_limit: u64,
-) -> Result<Request<UpstreamBody>, Rejection> {
+) -> Result<UpstreamRequest, Rejection> {
     let runtime = ctx.runtime;
     let uri = forward::upstream_uri(normalized_path, parts.uri.query())
         .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?;
@@ -287,7 +287,7 @@ fn build_upstream_request(
         .trusted_proxies
         .iter()
         .any(|net| net.contains(&peer));
-    forward::set_forwarded_headers(&mut headers, &ctx.conn.peer_header, trusted, host.as_ref());
+    let fields = forward::forwarded_fields(&mut headers, &ctx.conn.peer_header, trusted, host);
     if let (Some(token), Some(jwt)) = (token, &runtime.config.jwt) {
         for (claim, header) in &jwt.forward_claims {
             if let Some(value) = token.claim_as_header_value(claim)
@@ -297,16 +297,17 @@ fn build_upstream_request(
             }
         }
     }
-    if let Some(host) = host {
-        headers.insert(HOST, host);
-    }
     forward::merge_cookie_headers(&mut headers);
 
     let mut request = Request::new(limits::LimitedBody::new(body, body_limit));
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
-    Ok(request)
+    Ok(UpstreamRequest {
+        request,
+        fields,
+        upgrade,
+    })
 }
 
 /// Joins the client's and the upstream's upgraded connections (WebSocket).

@@ -37,7 +37,6 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HOST, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -46,12 +45,24 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
+use crate::forward::{HostField, ProxyFields};
 use crate::policy::limits::{LimitedBody, is_body_too_large};
 use crate::reject::{Rejection, UpstreamErrorKind};
 
 use codec::{BodyFraming, ChunkedDecoder, Decoded, RequestFraming};
 
 pub type UpstreamBody = LimitedBody<Incoming>;
+
+/// What the pipeline hands to the upstream leg.
+pub struct UpstreamRequest {
+    /// The client's request as forwarded: normalized target, the client's
+    /// headers less hop-by-hop and replaced ones.
+    pub request: Request<UpstreamBody>,
+    /// Host and X-Forwarded-*, written after the client's headers.
+    pub fields: ProxyFields,
+    /// A WebSocket upgrade: a 101 hands the connection to a tunnel.
+    pub upgrade: bool,
+}
 
 /// Idle connections kept per worker; more are closed when they come back.
 const MAX_IDLE_PER_WORKER: usize = 1024;
@@ -158,13 +169,8 @@ impl UpstreamClient {
     /// `101`, the body holds the connection as an [`UpstreamUpgrade`].
     pub async fn send(
         &self,
-        mut request: Request<UpstreamBody>,
+        request: UpstreamRequest,
     ) -> Result<Response<UpstreamResponseBody>, Rejection> {
-        if !request.headers().contains_key(HOST)
-            && let Some(host) = &self.pool.default_host
-        {
-            request.headers_mut().insert(HOST, host.clone());
-        }
         let sent = tokio::time::timeout(self.pool.timeout, self.pool.send(request)).await;
         let error = match sent {
             Err(_elapsed) => return Err(Rejection::Upstream(UpstreamErrorKind::Timeout)),
@@ -221,9 +227,19 @@ impl Pool {
 
     async fn send(
         self: &Arc<Self>,
-        request: Request<UpstreamBody>,
+        UpstreamRequest {
+            request,
+            fields,
+            upgrade,
+        }: UpstreamRequest,
     ) -> Result<Response<UpstreamResponseBody>, SendError> {
         let (mut parts, mut body) = request.into_parts();
+        let host = match &fields.host {
+            HostField::InMap => None,
+            HostField::Write(host) => Some(host),
+            // Sent when the client's request carried no Host (HTTP/1.0).
+            HostField::Missing => self.default_host.as_ref(),
+        };
         let framing = if body.is_end_stream() {
             RequestFraming::Empty
         } else {
@@ -232,7 +248,6 @@ impl Pool {
                 None => RequestFraming::Chunked,
             }
         };
-        let upgrade = parts.headers.contains_key(UPGRADE);
         // Idempotent and bodiless: the upstream can safely see it twice.
         let replayable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
         // Encoded once, on the first connection's buffer; kept for retries.
@@ -264,6 +279,11 @@ impl Pool {
                     &parts.uri,
                     &parts.headers,
                     framing,
+                    &codec::ProxyFields {
+                        host,
+                        forwarded_for: &fields.forwarded_for,
+                        forwarded_host: fields.forwarded_host.as_ref(),
+                    },
                 );
                 spare_headers = std::mem::take(&mut parts.headers);
                 buffer

@@ -31,6 +31,14 @@ pub enum RequestFraming {
     Chunked,
 }
 
+/// The fields the proxy sets itself, written after the client's.
+pub struct ProxyFields<'a> {
+    /// `Host`, unless the client's is in the header map.
+    pub host: Option<&'a HeaderValue>,
+    pub forwarded_for: &'a HeaderValue,
+    pub forwarded_host: Option<&'a HeaderValue>,
+}
+
 /// Writes the request head. `Content-Length` and `Transfer-Encoding` come
 /// from `framing` only: the client's own were checked by the server side and
 /// are replaced, so the upstream sees exactly the framing the proxy sends.
@@ -40,6 +48,7 @@ pub fn encode_request_head(
     uri: &Uri,
     headers: &HeaderMap,
     framing: RequestFraming,
+    proxy: &ProxyFields<'_>,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -50,14 +59,19 @@ pub fn encode_request_head(
         target.as_bytes()
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = proxy.host {
+        write_field(out, b"host", host.as_bytes());
+    }
     for (name, value) in headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    write_field(out, b"x-forwarded-for", proxy.forwarded_for.as_bytes());
+    write_field(out, b"x-forwarded-proto", b"https");
+    if let Some(forwarded_host) = proxy.forwarded_host {
+        write_field(out, b"x-forwarded-host", forwarded_host.as_bytes());
     }
     match framing {
         RequestFraming::Length(length) => {
@@ -72,6 +86,13 @@ pub fn encode_request_head(
         }
         RequestFraming::Empty => {}
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -498,6 +519,12 @@ mod tests {
         headers.insert("content-length", HeaderValue::from_static("999"));
         headers.insert("x-a", HeaderValue::from_static("1"));
         let uri: Uri = "/p?q=1".parse().unwrap();
+        let xff = HeaderValue::from_static("192.0.2.1");
+        let proxy = ProxyFields {
+            host: None,
+            forwarded_for: &xff,
+            forwarded_host: None,
+        };
         let mut out = Vec::new();
         encode_request_head(
             &mut out,
@@ -505,10 +532,12 @@ mod tests {
             &uri,
             &headers,
             RequestFraming::Length(5),
+            &proxy,
         );
         assert_eq!(
             out,
-            b"PUT /p?q=1 HTTP/1.1\r\nhost: app\r\nx-a: 1\r\ncontent-length: 5\r\n\r\n"
+            &b"PUT /p?q=1 HTTP/1.1\r\nhost: app\r\nx-a: 1\r\nx-forwarded-for: 192.0.2.1\r\n\
+              x-forwarded-proto: https\r\ncontent-length: 5\r\n\r\n"[..]
         );
         out.clear();
         encode_request_head(
@@ -517,6 +546,7 @@ mod tests {
             &uri,
             &headers,
             RequestFraming::Empty,
+            &proxy,
         );
         assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
         out.clear();
@@ -526,8 +556,9 @@ mod tests {
             &uri,
             &HeaderMap::new(),
             RequestFraming::Empty,
+            &proxy,
         );
-        assert_eq!(out, b"GET /p?q=1 HTTP/1.1\r\n\r\n");
+        assert_eq!(out, b"GET /p?q=1 HTTP/1.1\r\nx-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: https\r\n\r\n");
         out.clear();
         encode_request_head(
             &mut out,
@@ -535,6 +566,7 @@ mod tests {
             &uri,
             &HeaderMap::new(),
             RequestFraming::Chunked,
+            &proxy,
         );
         assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
     }
