@@ -108,8 +108,7 @@ pub fn is_valid_host(host: &str) -> bool {
     } else {
         let colon = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
         let (name, port) = bytes.split_at(colon);
-        let reg_name_byte =
-            |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
+        let reg_name_byte = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
         if name.is_empty() || !name.iter().all(|&b| reg_name_byte(b)) {
             return false;
         }
