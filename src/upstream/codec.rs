@@ -136,9 +136,9 @@ pub enum HeadError {
 /// Parses a response head from the front of `buffer`. `Ok(None)`: not all of
 /// it has arrived. On success the head's bytes are split off `buffer` (what
 /// follows is body) and the header values point into them, uncopied. The
-/// fields go into `spare`, an empty map whose memory is reused (the proxy
-/// passes the request's own map, done with once the request head is
-/// written); it is taken, and left empty, only when a head is complete.
+/// fields go into `spare` when it has room (the proxy passes the request's
+/// own map, done with once the request head is written): it is then taken
+/// and left empty.
 pub fn parse_response_head(
     buffer: &mut BytesMut,
     request_method: &Method,
@@ -192,10 +192,17 @@ pub fn parse_response_head(
         (head_len, response.headers.len(), status, version)
     };
     let head = buffer.split_to(head_len).freeze();
-    let mut headers = std::mem::take(spare);
-    headers.clear();
-    // Room for what the response filters add (HSTS, security headers).
-    headers.reserve(field_count + 8);
+    // Room for what the response filters add (HSTS, security headers). The
+    // spare map is used only when it is already big enough: growing it
+    // rehashes, which costs more than allocating a new one.
+    let wanted = field_count + 8;
+    let mut headers = if spare.capacity() >= wanted {
+        let mut headers = std::mem::take(spare);
+        headers.clear();
+        headers
+    } else {
+        HeaderMap::with_capacity(wanted)
+    };
     // A 101's Connection and Upgrade are the client's business: kept as sent.
     let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut facts = FramingFacts::default();
@@ -580,7 +587,7 @@ mod tests {
         );
         let mut buffer =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx: y\r\n\r\nok"[..]);
-        let mut spare = HeaderMap::new();
+        let mut spare = HeaderMap::with_capacity(32);
         spare.insert("x-old", HeaderValue::from_static("gone"));
         let head = parse_response_head(&mut buffer, &Method::GET, &mut spare)
             .unwrap()
