@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: a
+# deterministic measure of the proxy's own CPU work, for comparing two
+# builds where wall-clock runs on a shared machine are too noisy to show a
+# few per cent. Kernel time (most of a request's cost here) is not counted.
+#
+#   bench/instructions.sh [BINARY]        # default target/release/portcullis
+#
+# Knobs: PROTO=h2|h1 (default h2), REQUESTS=4000, WARMUP=1000,
+# CLIENTS=8, STREAMS=10 (h2; h1 sends one request at a time per connection),
+# PORT=21443 UPSTREAM_PORT=21080. Needs valgrind, nginx, h2load, openssl.
+# The upstream is nginx answering `ok`, as in bench/run.sh; portcullis runs
+# with one worker, HSTS and its default security headers.
+#
+# Prints "Ir/request N" and keeps the callgrind file (callgrind_annotate it)
+# in the temporary directory it names.
+
+set -euo pipefail
+
+BIN="${1:-target/release/portcullis}"
+PROTO="${PROTO:-h2}"
+REQUESTS="${REQUESTS:-4000}"
+WARMUP="${WARMUP:-1000}"
+CLIENTS="${CLIENTS:-8}"
+STREAMS="${STREAMS:-10}"
+PORT="${PORT:-21443}"
+UPSTREAM_PORT="${UPSTREAM_PORT:-21080}"
+
+for tool in valgrind callgrind_control nginx h2load openssl curl; do
+    command -v "$tool" >/dev/null || { echo "instructions.sh: needs $tool" >&2; exit 1; }
+done
+[[ -x "$BIN" ]] || { echo "instructions.sh: no executable at $BIN (cargo build --release)" >&2; exit 1; }
+BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+
+T="$(mktemp -d /tmp/portcullis-instructions.XXXXXX)"
+UPSTREAM_PID=""
+PROXY_PID=""
+cleanup() {
+    [[ -n "$PROXY_PID" ]] && kill "$PROXY_PID" 2>/dev/null || true
+    [[ -n "$UPSTREAM_PID" ]] && kill "$UPSTREAM_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -keyout "$T/key.pem" -out "$T/cert.pem" 2>/dev/null
+
+mkdir -p "$T/upstream"
+cat >"$T/upstream/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $T/upstream/nginx.pid;
+error_log $T/upstream/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 100000000;
+    server { listen 127.0.0.1:$UPSTREAM_PORT; location / { return 200 "ok"; } }
+}
+EOF
+nginx -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" &
+UPSTREAM_PID=$!
+
+cat >"$T/proxy.toml" <<EOF
+[server]
+https_listen = "127.0.0.1:$PORT"
+workers = 1
+idle_timeout = "300s"
+
+[tls]
+cert = "$T/cert.pem"
+key = "$T/key.pem"
+
+[upstream]
+url = "http://127.0.0.1:$UPSTREAM_PORT"
+pool_idle_timeout = "300s"
+
+[log]
+level = "warn"
+
+[[routes]]
+path = "/plain"
+EOF
+
+valgrind --tool=callgrind --callgrind-out-file="$T/callgrind.out" \
+    "$BIN" run --config "$T/proxy.toml" >"$T/proxy.log" 2>&1 &
+PROXY_PID=$!
+
+ready=""
+for _ in $(seq 240); do
+    if curl -sk -o /dev/null "https://127.0.0.1:$PORT/plain"; then ready=1; break; fi
+    sleep 0.5
+done
+[[ -n "$ready" ]] || { echo "instructions.sh: the proxy did not start, see $T/proxy.log" >&2; exit 1; }
+
+load() {
+    local n="$1"
+    if [[ "$PROTO" == h1 ]]; then
+        h2load --h1 -c"$CLIENTS" -m1 -t1 -n "$n" "https://127.0.0.1:$PORT/plain"
+    else
+        h2load -c"$CLIENTS" -m"$STREAMS" -t1 -n "$n" "https://127.0.0.1:$PORT/plain"
+    fi
+}
+
+# Counted: REQUESTS after WARMUP (connections, pools and caches warm).
+load "$WARMUP" >/dev/null
+callgrind_control -z "$PROXY_PID" >/dev/null
+load "$REQUESTS" | grep -E "^requests:"
+callgrind_control -d "$PROXY_PID" >/dev/null
+
+total=0
+for dump in "$T"/callgrind.out.*; do
+    ir="$(grep -m1 '^summary:' "$dump" | awk '{print $2}')"
+    total=$((total + ${ir:-0}))
+done
+echo "Ir/request $((total / REQUESTS))   ($PROTO, $REQUESTS requests; callgrind files in $T)"
