@@ -301,6 +301,7 @@ impl Pool {
                 response_started: false,
                 method: &parts.method,
                 spare_headers: &mut spare_headers,
+                write_error: None,
             };
             let outcome = poll_fn(|cx| exchange.poll(cx)).await;
             let request_finished = exchange.request_finished();
@@ -495,6 +496,9 @@ struct Exchange<'a> {
     method: &'a Method,
     /// Memory for the response's header map.
     spare_headers: &'a mut HeaderMap,
+    /// Why the request could not be written in full; the response is still
+    /// read.
+    write_error: Option<io::Error>,
 }
 
 impl Exchange<'_> {
@@ -503,14 +507,32 @@ impl Exchange<'_> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<codec::ResponseHead, SendError>> {
-        if !self.request_finished() {
+        if self.write_error.is_none() && !self.request_finished() {
             // Pending here only means the request waits (on the socket or the
             // client's body); the response may still come.
-            if let Poll::Ready(Err(error)) = self.poll_write_request(cx) {
-                return Poll::Ready(Err(error));
+            match self.poll_write_request(cx) {
+                // An upstream that answered and closed before taking the
+                // whole request (a 413 to a large upload) makes the write
+                // fail; its answer may be waiting to be read all the same.
+                Poll::Ready(Err(SendError::Exchange(ExchangeError::Write(error)))) => {
+                    self.write_error = Some(error);
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
-        self.poll_read_head(cx)
+        match self.poll_read_head(cx) {
+            // No answer after all: the write's failure is the one to report
+            // (it decides whether a stale pooled connection is retried).
+            Poll::Ready(Err(_)) if self.write_error.is_some() => {
+                let error = self
+                    .write_error
+                    .take()
+                    .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+                Poll::Ready(Err(SendError::Exchange(ExchangeError::Write(error))))
+            }
+            polled => polled,
+        }
     }
 
     fn poll_write_request(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {

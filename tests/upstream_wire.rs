@@ -945,6 +945,31 @@ async fn early_response_to_an_unfinished_upload_is_relayed_and_the_connection_dr
     );
 }
 
+#[tokio::test]
+async fn an_answer_sent_before_closing_on_an_unread_upload_is_relayed() {
+    // The upstream answers after the head and closes with the body unread
+    // (the kernel then resets the connection), while the proxy is still
+    // writing the upload: its write fails, and the answer that arrived
+    // before the reset must still reach the client rather than a 502.
+    let upstream = RawUpstream::start(|seen| match seen.target.as_str() {
+        "/upload" => reply(
+            &b"HTTP/1.1 413 Payload Too Large\r\nx-from: upstream\r\ncontent-length: 0\r\n\r\n"[..],
+        )
+        .without_reading_the_body()
+        .then(After::Close),
+        _ => reply(OK),
+    })
+    .await;
+    let proxy = start_proxy(upstream.addr, "5s").await;
+    let upload: &'static [u8] = Box::leak(vec![b'u'; 8 * 1024 * 1024].into_boxed_slice());
+    let mut sender = proxy.client().h1().await;
+    let got = h1_send(&mut sender, Method::POST, "/upload", upload).await;
+    assert_eq!(got.status, 413, "{got:?}");
+    assert_eq!(got.header("x-from"), Some("upstream"), "{:?}", got.headers);
+    let got = get(&proxy.client(), "/after").await.complete();
+    assert_eq!(got.status, 200, "{got:?}");
+}
+
 // ------------------------------------------------------------ 9. HEAD
 
 #[tokio::test]
