@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Proxy, ProxyConfig, Recorded, Upstream, dead_addr};
+use common::{Proxy, ProxyConfig, Recorded, Upstream, dead_addr, dead_port};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 
@@ -102,6 +102,37 @@ async fn x_forwarded_headers_from_an_untrusted_client() {
         "{:?}",
         seen.headers
     );
+}
+
+/// HTTP/1.0 allows a request without Host: the upstream still gets one (its
+/// own authority, as a client of it would send) and no X-Forwarded-Host,
+/// since the client named no host.
+#[tokio::test]
+async fn an_http10_request_without_host_gets_the_upstreams_authority_as_host() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    // HTTP/1.0 without keep-alive: the proxy closes after its answer.
+    let (answer, closed) = proxy
+        .client()
+        .raw_until_closed(
+            b"GET /ten HTTP/1.0\r\nX-Forwarded-Host: evil.example.test\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(closed, "{answer}");
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/ten");
+    assert_eq!(
+        header_all(&seen, "host"),
+        [upstream.addr.to_string().as_str()]
+    );
+    assert!(
+        seen.headers.get("x-forwarded-host").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(header_all(&seen, "x-forwarded-for"), ["127.0.0.1"]);
 }
 
 /// RFC 9112 3.2: an HTTP/1.1 request without Host, with two, or with an
@@ -357,7 +388,8 @@ async fn upstream_down_is_502_json_without_internals() {
 /// (504), and a normal request after each.
 #[tokio::test]
 async fn after_502_and_504_the_proxy_keeps_serving() {
-    let addr = dead_addr();
+    let port = dead_port();
+    let addr = port.addr;
     let config = ProxyConfig {
         upstream: "timeout = \"500ms\"".into(),
         ..Default::default()
@@ -369,7 +401,7 @@ async fn after_502_and_504_the_proxy_keeps_serving() {
     assert_eq!(answer.status, 502);
     assert_eq!(answer.json()["error"], "upstream_unreachable");
 
-    let upstream = Upstream::start_on(addr).await;
+    let upstream = Upstream::start_on_dead_port(port).await;
     let answer = client.get("/").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
 

@@ -480,10 +480,22 @@ impl Upstream {
         Self::start_on("127.0.0.1:0".parse().unwrap()).await
     }
 
-    /// Starts the recording upstream on a given address (one a proxy was
-    /// already pointed at while nothing listened there, say).
+    /// Starts the recording upstream on a given address.
     pub async fn start_on(addr: SocketAddr) -> Upstream {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Self::serve(tokio::net::TcpListener::bind(addr).await.unwrap())
+    }
+
+    /// Starts the recording upstream on a port that refused connections
+    /// until now (one a proxy was already pointed at), without letting go of
+    /// the port in between.
+    pub async fn start_on_dead_port(port: DeadPort) -> Upstream {
+        port.socket.listen(1024).unwrap();
+        port.socket.set_nonblocking(true).unwrap();
+        let listener = std::net::TcpListener::from(port.socket);
+        Self::serve(tokio::net::TcpListener::from_std(listener).unwrap())
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(VecDeque::new()));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -651,10 +663,30 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// An address nothing listens on (bound then released).
+/// A port nothing answers on: connecting is refused. The socket is bound
+/// but does not listen, and holds the port: one merely closed again could be
+/// handed to a listener of a test running in parallel (it once was, and the
+/// "dead" upstream answered 308).
+pub struct DeadPort {
+    socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+pub fn dead_port() -> DeadPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    DeadPort { socket, addr }
+}
+
+/// A [`dead_port`] held for the rest of the test run.
 pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    let port = dead_port();
+    let addr = port.addr;
+    std::mem::forget(port.socket);
+    addr
 }
 
 /// One HTTP/1.1 response parsed from raw bytes (see [`parse_responses`]).
