@@ -167,6 +167,18 @@ fn check_names_a_missing_cert_file() {
 }
 
 #[test]
+fn check_refuses_forward_claims_naming_a_header_the_proxy_sets() {
+    for header in ["Host", "X-Forwarded-For", "Content-Length"] {
+        let text = format!(
+            "{}\n[jwt]\nalgorithms = [\"HS256\"]\nsecret_env = \"JWT_SECRET\"\nforward_claims = {{ sub = \"{header}\" }}\n",
+            minimal("certs/cert.pem", "", "")
+        );
+        let err = assert_config_error(&text, &format!("\"{header}\""), "jwt.forward_claims.sub");
+        assert!(err.contains("the proxy sets itself"), "{err}");
+    }
+}
+
+#[test]
 fn check_refuses_min_version_1_0() {
     let text = minimal("certs/cert.pem", "", "min_version = \"1.0\"\n");
     let err = assert_config_error(&text, "\"1.0\"", "tls.min_version");

@@ -375,6 +375,23 @@ fn cookies(s: &file::CookiesSection) -> Result<CookiePolicy> {
     })
 }
 
+/// Headers a `forward_claims` entry may not name: the proxy writes the
+/// first four itself, and the rest decide how the upstream frames the
+/// request or treats the connection.
+const PROXY_OWNED_HEADERS: [&str; 11] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 fn header_name(key: &str, name: &str) -> Result<HeaderName> {
     HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| invalid(key, format!(r#"not a valid header name: "{name}""#)))
@@ -439,13 +456,24 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
         audience: s.audience.clone(),
         leeway: s.leeway.0,
     };
-    let verifier = JwtVerifier::new(settings.clone())
-        .map_err(|e| invalid(format!("jwt.{}", e.key), e.message))?;
+    // Checked before the key material: a wrong header name is the error to
+    // report even where the secret is not set (as under `portcullis check`).
     let mut forward_claims = Vec::new();
     for (claim, header) in &s.forward_claims {
-        let name = header_name(&format!("jwt.forward_claims.{claim}"), header)?;
+        let key = format!("jwt.forward_claims.{claim}");
+        let name = header_name(&key, header)?;
+        if PROXY_OWNED_HEADERS.contains(&name.as_str()) {
+            return Err(invalid(
+                &key,
+                format!(
+                    r#""{header}" is a header the proxy sets itself or that frames the request; name another, e.g. "X-Auth-{claim}""#
+                ),
+            ));
+        }
         forward_claims.push((claim.clone(), name));
     }
+    let verifier = JwtVerifier::new(settings.clone())
+        .map_err(|e| invalid(format!("jwt.{}", e.key), e.message))?;
     if let Some(cookie) = &s.token_cookie
         && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
     {
