@@ -23,7 +23,9 @@ fn protected(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_HOST
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+/// A hop-by-hop header by name (RFC 9110 7.6.1); the upstream response
+/// parser drops the same set.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == CONNECTION
         || name == UPGRADE
         || name == TE

@@ -9,9 +9,7 @@
 //! response is refused, or its connection is not reused.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 /// Header fields in one response head; more is refused (hyper's default).
@@ -291,11 +289,7 @@ impl FramingFacts {
             }
             return Ok(true);
         }
-        Ok(name == UPGRADE
-            || name == TE
-            || name == TRAILER
-            || name == KEEP_ALIVE
-            || name == PROXY_CONNECTION)
+        Ok(crate::forward::is_hop_by_hop(name))
     }
 
     /// RFC 9112 6.3. Also says whether the connection can be reused as far as
@@ -328,9 +322,6 @@ impl FramingFacts {
         }
     }
 }
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn trim_ascii(bytes: &[u8]) -> &[u8] {
     bytes.trim_ascii()
