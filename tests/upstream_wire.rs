@@ -892,19 +892,25 @@ fn gated_upload(gate: tokio::sync::oneshot::Receiver<()>) -> common::UploadBody 
     StreamBody::new(stream).boxed()
 }
 
-#[tokio::test]
-async fn early_response_to_an_unfinished_upload_is_relayed_and_the_connection_dropped() {
-    let upstream = RawUpstream::start(|seen| match seen.target.as_str() {
-        // Answers at once, reads none of the body, and keeps the connection
-        // open: were it reused, the next request would never be answered.
+/// Answers `/upload` with a 413 as soon as the head is in, reading none of
+/// the body, then does `after` with the connection; anything else is `ok`.
+async fn early_413_upstream(after: After) -> RawUpstream {
+    RawUpstream::start(move |seen| match seen.target.as_str() {
         "/upload" => reply(
             &b"HTTP/1.1 413 Payload Too Large\r\nx-from: upstream\r\ncontent-length: 0\r\n\r\n"[..],
         )
         .without_reading_the_body()
-        .then(After::Hold),
+        .then(after),
         _ => reply(OK),
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn early_response_to_an_unfinished_upload_is_relayed_and_the_connection_dropped() {
+    // Keeps the connection open: were it reused, the next request would
+    // never be answered.
+    let upstream = early_413_upstream(After::Hold).await;
     let proxy = start_proxy(upstream.addr, "3s").await;
     let client = proxy.client();
 
@@ -951,15 +957,7 @@ async fn an_answer_sent_before_closing_on_an_unread_upload_is_relayed() {
     // (the kernel then resets the connection), while the proxy is still
     // writing the upload: its write fails, and the answer that arrived
     // before the reset must still reach the client rather than a 502.
-    let upstream = RawUpstream::start(|seen| match seen.target.as_str() {
-        "/upload" => reply(
-            &b"HTTP/1.1 413 Payload Too Large\r\nx-from: upstream\r\ncontent-length: 0\r\n\r\n"[..],
-        )
-        .without_reading_the_body()
-        .then(After::Close),
-        _ => reply(OK),
-    })
-    .await;
+    let upstream = early_413_upstream(After::Close).await;
     let proxy = start_proxy(upstream.addr, "5s").await;
     let upload: &'static [u8] = Box::leak(vec![b'u'; 8 * 1024 * 1024].into_boxed_slice());
     let mut sender = proxy.client().h1().await;
