@@ -19,6 +19,7 @@ pub mod reject;
 pub mod routes;
 pub mod runtime;
 pub mod server;
+pub mod socket;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry};
 use crate::fragment::{FragmentLog, FragmentSniffer};
 use crate::runtime::{Runtime, Shared};
+use crate::socket::ClientSocket;
 use crate::telemetry;
 
 /// Binds a listening socket. `reuse_port` lets every worker bind the same address.
@@ -506,11 +507,11 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
 async fn accept_tls(
     mut tcp: TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<ClientSocket>> {
     if refuse_plain_http(&mut tcp).await {
         return None;
     }
-    acceptor.accept(tcp).await.ok()
+    acceptor.accept(ClientSocket::new(tcp)).await.ok()
 }
 
 /// A plain-HTTP client on the HTTPS port gets a 400 that says to use

@@ -41,7 +41,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
@@ -550,10 +549,11 @@ impl Exchange<'_> {
                         slices[count] = io::IoSlice::new(piece);
                         count += 1;
                     }
-                    ready!(
-                        Pin::new(&mut self.connection.tcp)
-                            .poll_write_vectored(cx, &slices[..count])
-                    )
+                    ready!(crate::socket::poll_write_slices(
+                        Pin::new(&mut self.connection.tcp),
+                        cx,
+                        &slices[..count]
+                    ))
                     .map_err(|e| SendError::Exchange(ExchangeError::Write(e)))?
                 };
                 if written == 0 {

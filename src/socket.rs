@@ -1,0 +1,122 @@
+//! Writes to a TCP socket with send(2) whenever a vectored write carries
+//! only one buffer.
+//!
+//! rustls hands its records to the socket as a vectored write, and the
+//! upstream exchange writes a request's head and body the same way; most of
+//! the time there is a single buffer. Through writev(2) each such write pays
+//! the VFS layer's per-call work (file-position lock, permission and
+//! fsnotify hooks, importing the iovec array) before reaching the socket;
+//! send(2), which std's `TcpStream::write` uses, goes to the socket
+//! directly. Two writes per proxied request take this path (HAProxy uses
+//! send(2) for the same reason).
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// One write of `bufs`: send(2) when at most one of them has bytes, else writev(2).
+pub fn poll_write_slices(
+    tcp: Pin<&mut TcpStream>,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    let mut non_empty = bufs.iter().filter(|buf| !buf.is_empty());
+    match (non_empty.next(), non_empty.next()) {
+        (Some(only), None) => tcp.poll_write(cx, only),
+        (None, _) => Poll::Ready(Ok(0)),
+        (Some(_), Some(_)) => tcp.poll_write_vectored(cx, bufs),
+    }
+}
+
+/// A client's TCP socket under TLS: a `TcpStream` whose vectored writes go
+/// through [`poll_write_slices`].
+pub struct ClientSocket(TcpStream);
+
+impl ClientSocket {
+    pub fn new(tcp: TcpStream) -> Self {
+        ClientSocket(tcp)
+    }
+}
+
+impl AsyncRead for ClientSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        poll_write_slices(Pin::new(&mut self.0), cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair() -> (ClientSocket, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (ClientSocket::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_shape_of_vectored_write_arrives_in_order() {
+        let (mut socket, mut peer) = pair().await;
+        let shapes: [&[&[u8]]; 4] = [
+            &[b"one"],
+            &[b"", b"two", b""],
+            &[b"th", b"", b"ree"],
+            &[b"", b""],
+        ];
+        let mut expected = Vec::new();
+        for shape in shapes {
+            let slices: Vec<IoSlice<'_>> = shape.iter().map(|s| IoSlice::new(s)).collect();
+            let total: usize = shape.iter().map(|s| s.len()).sum();
+            let written =
+                std::future::poll_fn(|cx| Pin::new(&mut socket).poll_write_vectored(cx, &slices))
+                    .await
+                    .unwrap();
+            assert_eq!(written, total, "loopback takes a few bytes whole");
+            expected.extend(shape.iter().flat_map(|s| s.iter().copied()));
+        }
+        socket.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        peer.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, expected);
+        assert_eq!(received, b"onetwothree");
+    }
+}
