@@ -482,6 +482,24 @@ async fn h2_send(
     answer(sender.send_request(h2_request(proxy, method, path, body))).await
 }
 
+/// Two requests, one after the other, over one HTTP/1.1 client connection to
+/// a fresh proxy in front of `upstream`: their complete answers. Whether the
+/// proxy reused its upstream connection shows in `upstream.connections()`.
+async fn twice_over_one_h1_connection(
+    upstream: &RawUpstream,
+    method: Method,
+    path: &str,
+    body: &'static [u8],
+) -> [Got; 2] {
+    let proxy = start_proxy(upstream.addr, "10s").await;
+    let mut sender = proxy.client().h1().await;
+    let first = h1_send(&mut sender, method.clone(), path, body)
+        .await
+        .complete();
+    let second = h1_send(&mut sender, method, path, body).await.complete();
+    [first, second]
+}
+
 async fn get(client: &TlsClient, path: &str) -> Got {
     let mut sender = client.h1().await;
     h1_send(&mut sender, Method::GET, path, b"").await
@@ -571,10 +589,8 @@ fn assert_chunked_answer(got: Got, what: &str) {
 #[tokio::test]
 async fn chunked_response_reaches_an_h1_client_intact_and_the_connection_is_reused() {
     let upstream = RawUpstream::start(|_| chunked_reply()).await;
-    let proxy = start_proxy(upstream.addr, "10s").await;
-    let mut sender = proxy.client().h1().await;
-    for i in 0..2 {
-        let got = h1_send(&mut sender, Method::GET, "/chunked", b"").await;
+    let answers = twice_over_one_h1_connection(&upstream, Method::GET, "/chunked", b"").await;
+    for (i, got) in answers.into_iter().enumerate() {
         assert_chunked_answer(got, &format!("HTTP/1.1 request {i}"));
     }
     assert_eq!(upstream.seen().len(), 2);
@@ -608,12 +624,8 @@ async fn body_ending_at_close_arrives_intact_and_the_connection_is_not_reused() 
         reply(bytes).then(After::Close)
     })
     .await;
-    let proxy = start_proxy(upstream.addr, "10s").await;
-    let mut sender = proxy.client().h1().await;
-    for i in 0..2 {
-        let got = h1_send(&mut sender, Method::GET, "/until-close", b"")
-            .await
-            .complete();
+    let answers = twice_over_one_h1_connection(&upstream, Method::GET, "/until-close", b"").await;
+    for (i, got) in answers.iter().enumerate() {
         assert_eq!(got.status, 200, "request {i}");
         assert!(
             got.body == pattern(100_000),
@@ -634,14 +646,10 @@ async fn connection_close_response_is_relayed_and_the_connection_is_not_reused()
         reply(&b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello"[..])
     })
     .await;
-    let proxy = start_proxy(upstream.addr, "10s").await;
-    let mut sender = proxy.client().h1().await;
-    for i in 0..2 {
-        // On the same client connection: the upstream's `Connection: close`
-        // is not the client's.
-        let got = h1_send(&mut sender, Method::GET, "/close", b"")
-            .await
-            .complete();
+    // On the same client connection: the upstream's `Connection: close` is
+    // not the client's.
+    let answers = twice_over_one_h1_connection(&upstream, Method::GET, "/close", b"").await;
+    for (i, got) in answers.iter().enumerate() {
         assert_eq!(got.status, 200, "request {i}");
         assert_eq!(got.text(), "hello", "request {i}");
     }
@@ -665,12 +673,9 @@ async fn interim_responses_are_skipped_and_the_final_one_relayed() {
         ])
     })
     .await;
-    let proxy = start_proxy(upstream.addr, "10s").await;
-    let mut sender = proxy.client().h1().await;
-    for i in 0..2 {
-        let got = h1_send(&mut sender, Method::POST, "/continue", b"payload")
-            .await
-            .complete();
+    let answers =
+        twice_over_one_h1_connection(&upstream, Method::POST, "/continue", b"payload").await;
+    for (i, got) in answers.iter().enumerate() {
         assert_eq!(got.status, 200, "request {i}");
         assert_eq!(got.header("x-final"), Some("yes"), "request {i}");
         assert_eq!(got.text(), "final", "request {i}");
@@ -722,12 +727,8 @@ async fn content_length_beside_chunked_is_read_as_chunked_and_not_reused() {
         )
     })
     .await;
-    let proxy = start_proxy(upstream.addr, "10s").await;
-    let mut sender = proxy.client().h1().await;
-    for i in 0..2 {
-        let got = h1_send(&mut sender, Method::GET, "/both", b"")
-            .await
-            .complete();
+    let answers = twice_over_one_h1_connection(&upstream, Method::GET, "/both", b"").await;
+    for (i, got) in answers.iter().enumerate() {
         assert_eq!(got.status, 200, "request {i}");
         assert_eq!(got.text(), "hello", "request {i}");
         assert_ne!(got.header("content-length"), Some("3"), "request {i}");
