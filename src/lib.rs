@@ -11,6 +11,7 @@ pub mod connection;
 pub mod filters;
 pub mod forward;
 pub mod fragment;
+pub mod linger;
 pub mod path;
 pub mod pipeline;
 pub mod policy;

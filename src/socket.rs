@@ -41,6 +41,12 @@ impl ClientSocket {
     }
 }
 
+impl Drop for ClientSocket {
+    fn drop(&mut self) {
+        crate::linger::before_close(&self.0);
+    }
+}
+
 impl AsyncRead for ClientSocket {
     fn poll_read(
         mut self: Pin<&mut Self>,

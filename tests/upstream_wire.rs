@@ -960,13 +960,56 @@ async fn an_answer_sent_before_closing_on_an_unread_upload_is_relayed() {
     // before the reset must still reach the client rather than a 502.
     let upstream = early_413_upstream(After::Close).await;
     let proxy = start_proxy(upstream.addr, "5s").await;
-    let upload: &'static [u8] = Box::leak(vec![b'u'; 8 * 1024 * 1024].into_boxed_slice());
-    let mut sender = proxy.client().h1().await;
-    let got = h1_send(&mut sender, Method::POST, "/upload", upload).await;
+    let got = upload_reading_the_answer_meanwhile(&proxy.client(), 8 * 1024 * 1024).await;
     assert_eq!(got.status, 413, "{got:?}");
     assert_eq!(got.header("x-from"), Some("upstream"), "{:?}", got.headers);
     let got = get(&proxy.client(), "/after").await.complete();
     assert_eq!(got.status, 200, "{got:?}");
+}
+
+/// POSTs `/upload` with `bytes` of body over a raw HTTP/1.1 TLS connection,
+/// as curl does: the answer is read while the upload is written, and a
+/// write that fails once the proxy has answered and closed (a conforming
+/// client may see a broken pipe or a reset there) does not hide the answer.
+async fn upload_reading_the_answer_meanwhile(
+    client: &TlsClient,
+    bytes: usize,
+) -> common::RawResponse {
+    let tls = client.connect(&[b"http/1.1"]).await;
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let writing = tokio::spawn(async move {
+        let head =
+            format!("POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: {bytes}\r\n\r\n");
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        Ok::<_, io::Error>(writer)
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut read = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let answer = loop {
+        if let Some(answer) = common::parse_responses(&String::from_utf8_lossy(&read))
+            .into_iter()
+            .next()
+        {
+            break answer;
+        }
+        match tokio::time::timeout_at(deadline, reader.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no complete answer ({other:?}) after {:?}",
+                String::from_utf8_lossy(&read)
+            ),
+        }
+    };
+    writing.abort();
+    answer
 }
 
 // ------------------------------------------------------------ 9. HEAD
