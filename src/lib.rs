@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod redirect;
 pub mod reject;
+pub mod request_body;
 pub mod routes;
 pub mod runtime;
 pub mod server;

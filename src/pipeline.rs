@@ -12,6 +12,7 @@
 //!   3. policies in SPEC's order                  → 4xx   policy/*.rs
 //!        body limit (413) · method (405) · rate limit (429)
 //!        · JWT (401) · rate limit by sub (429) · scopes (403)
+//!        · CSRF (403) · JSON schema (415, 413, 400)   policy/csrf.rs, schema.rs
 //!   4. build the upstream request                        forward.rs
 //!   5. send it over the worker's pool            → 502/504 upstream.rs
 //!   6. response filters: HSTS, cookies, headers          filters/
@@ -22,9 +23,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::CONNECTION;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
@@ -34,8 +37,10 @@ use crate::fragment::Anomaly;
 use crate::path;
 use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
 use crate::policy::rate_limit::{self, RateLimitInfo};
-use crate::policy::{limits, method, scopes};
+use crate::policy::schema::{self, RouteSchema};
+use crate::policy::{csrf, limits, method, scopes};
 use crate::reject::Rejection;
+use crate::request_body::{self, RequestBody};
 use crate::routes::RouteRuntime;
 use crate::runtime::Runtime;
 use crate::telemetry::{self, AccessRecord};
@@ -144,7 +149,7 @@ async fn judge_and_forward(
 
     // 3. policies, in SPEC's order
     let body_limit = route.map_or(server.max_body_bytes, |r| r.max_body_bytes);
-    limits::check_body_framing(parts, body_limit)?;
+    let declared_length = limits::check_body_framing(parts, body_limit)?;
     let mut token = None;
     if let Some(route) = route {
         method::check(
@@ -152,8 +157,18 @@ async fn judge_and_forward(
             route.config.methods.as_deref(),
             route.allow.as_ref(),
         )?;
-        token = run_route_policies(ctx, route, parts).await?;
+        token = run_route_policies(ctx, route, parts, host.as_ref()).await?;
     }
+    // Only a schema route reads a body before forwarding, and only one that has a body.
+    let schema = route
+        .and_then(|r| r.config.json_schema.as_deref())
+        .filter(|_| !body.is_end_stream());
+    let body = match schema {
+        Some(schema) => RequestBody::Whole(Some(
+            read_and_judge(schema, parts, body, body_limit, declared_length).await?,
+        )),
+        None => RequestBody::streamed(body, body_limit),
+    };
 
     // 4. the upstream request
     let upgrade =
@@ -171,7 +186,6 @@ async fn judge_and_forward(
         token.as_ref(),
         upgrade,
         body,
-        body_limit,
     )?;
 
     // 5. send it
@@ -207,12 +221,14 @@ async fn judge_and_forward(
     Ok(response.map(ResponseBody::upstream))
 }
 
-/// The route's own policies after the method check: rate limit, JWT, rate
-/// limit by subject, scopes. Returns the verified token, if the route wants one.
+/// The route's own policies after the method check, in SPEC's order: rate
+/// limit, JWT, rate limit by subject, scopes, CSRF. Returns the verified
+/// token, if the route wants one.
 async fn run_route_policies(
     ctx: &mut RequestContext<'_>,
     route: &RouteRuntime,
     parts: &Parts,
+    host: Option<&HeaderValue>,
 ) -> Result<Option<VerifiedToken>, Rejection> {
     let limiter = route.limiter.as_deref();
     let by_subject = limiter.is_some_and(|l| l.spec().key == rate_limit::KeySource::Sub);
@@ -221,9 +237,29 @@ async fn run_route_policies(
             rate_limit::limit_key(&limiter.spec().key, ctx.record.client, &parts.headers, None);
         ctx.rate_limit_info = Some(limiter.check(&key).map_err(Rejection::RateLimited)?);
     }
-    if !route.config.jwt {
-        return Ok(None);
+    let token = if route.config.jwt {
+        Some(authenticate(ctx, route, parts).await?)
+    } else {
+        None
+    };
+    if route.config.csrf {
+        csrf::check(
+            &parts.method,
+            &parts.headers,
+            host,
+            &route.config.allowed_origins,
+        )
+        .map_err(Rejection::Csrf)?;
     }
+    Ok(token)
+}
+
+/// JWT, then the rate limit keyed by its subject, then scopes.
+async fn authenticate(
+    ctx: &mut RequestContext<'_>,
+    route: &RouteRuntime,
+    parts: &Parts,
+) -> Result<VerifiedToken, Rejection> {
     let jwt = ctx
         .runtime
         .config
@@ -245,7 +281,11 @@ async fn run_route_policies(
         .await
         .map_err(Rejection::InvalidToken)?;
     ctx.record.sub = verified.subject().map(str::to_owned);
-    if let Some(limiter) = limiter.filter(|_| by_subject) {
+    if let Some(limiter) = route
+        .limiter
+        .as_deref()
+        .filter(|l| l.spec().key == rate_limit::KeySource::Sub)
+    {
         let key = rate_limit::limit_key(
             &limiter.spec().key,
             ctx.record.client,
@@ -258,7 +298,24 @@ async fn run_route_policies(
         scopes::check(&route.config.scopes, &verified.scopes())
             .map_err(|missing| Rejection::InsufficientScope(missing.to_string()))?;
     }
-    Ok(Some(verified))
+    Ok(verified)
+}
+
+/// The schema policy: a JSON media type (415), the body read whole up to the
+/// route's limit (413), then judged (400). Returns the body to forward.
+async fn read_and_judge(
+    schema: &RouteSchema,
+    parts: &Parts,
+    body: Incoming,
+    body_limit: u64,
+    declared_length: Option<u64>,
+) -> Result<Bytes, Rejection> {
+    if !schema::check_media_type(&parts.headers) {
+        return Err(Rejection::UnsupportedMediaType);
+    }
+    let whole = request_body::read_whole(body, body_limit, declared_length).await?;
+    schema.judge(&whole).map_err(Rejection::Schema)?;
+    Ok(whole)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -269,8 +326,7 @@ fn build_upstream_request(
     host: Option<HeaderValue>,
     token: Option<&VerifiedToken>,
     upgrade: bool,
-    body: Incoming,
-    body_limit: u64,
+    body: RequestBody,
 ) -> Result<UpstreamRequest, Rejection> {
     let runtime = ctx.runtime;
     let uri = forward::upstream_uri(normalized_path, parts.uri.query())
@@ -299,7 +355,7 @@ fn build_upstream_request(
     }
     forward::merge_cookie_headers(&mut headers);
 
-    let mut request = Request::new(limits::LimitedBody::new(body, body_limit));
+    let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;

@@ -10,8 +10,10 @@ use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::path::PathError;
+use crate::policy::csrf::CrossOrigin;
 use crate::policy::jwt::TokenError;
 use crate::policy::rate_limit::RateLimited;
+use crate::policy::schema::SchemaFailure;
 
 /// Why the upstream leg failed; the `kind` label of `portcullis_upstream_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +41,11 @@ pub enum Rejection {
     MissingToken,
     InvalidToken(TokenError),
     InsufficientScope(String),
-    Csrf,
+    Csrf(CrossOrigin),
     MethodNotAllowed(HeaderValue),
     BodyTooLarge,
     UnsupportedMediaType,
-    Schema(String),
+    Schema(SchemaFailure),
     RateLimited(RateLimited),
     RateLimitUnavailable,
     HeaderTooLarge,
@@ -57,7 +59,7 @@ impl Rejection {
                 StatusCode::BAD_REQUEST
             }
             Rejection::MissingToken | Rejection::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            Rejection::InsufficientScope(_) | Rejection::Csrf => StatusCode::FORBIDDEN,
+            Rejection::InsufficientScope(_) | Rejection::Csrf(_) => StatusCode::FORBIDDEN,
             Rejection::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -77,7 +79,7 @@ impl Rejection {
             Rejection::MissingToken => "missing_token",
             Rejection::InvalidToken(_) => "invalid_token",
             Rejection::InsufficientScope(_) => "insufficient_scope",
-            Rejection::Csrf => "csrf",
+            Rejection::Csrf(_) => "csrf",
             Rejection::MethodNotAllowed(_) => "method_not_allowed",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::UnsupportedMediaType => "unsupported_media_type",
@@ -101,11 +103,29 @@ impl Rejection {
     }
 
     /// A detail for the security log only (never the client): why a token failed, say.
-    pub fn detail(&self) -> Option<&'static str> {
+    pub fn detail(&self) -> Option<std::borrow::Cow<'static, str>> {
         match self {
-            Rejection::InvalidToken(e) => Some(e.detail()),
-            Rejection::InvalidPath(e) => Some(e.message()),
-            Rejection::BadRequest(why) => Some(why),
+            Rejection::InvalidToken(e) => Some(e.detail().into()),
+            Rejection::InvalidPath(e) => Some(e.message().into()),
+            Rejection::BadRequest(why) => Some((*why).into()),
+            Rejection::Csrf(refused) => Some(match &refused.fetch_site {
+                Some(site) => format!("Sec-Fetch-Site: {site}, origin not allowed").into(),
+                None => "no Sec-Fetch-Site; Origin is neither the request's own nor allowed".into(),
+            }),
+            // Counts only: a pointer names fields of the body, its message no value.
+            Rejection::Schema(SchemaFailure::NotJson(_)) => Some("not JSON".into()),
+            Rejection::Schema(SchemaFailure::Invalid(found)) => {
+                Some(format!("{} schema violation(s)", found.len()).into())
+            }
+            _ => None,
+        }
+    }
+
+    /// The request's `Origin` for the security log of a CSRF refusal (an
+    /// origin is not a secret; it says who tried).
+    pub fn origin(&self) -> Option<&str> {
+        match self {
+            Rejection::Csrf(refused) => Some(&refused.origin),
             _ => None,
         }
     }
@@ -121,11 +141,18 @@ impl Rejection {
             Rejection::InsufficientScope(scopes) => {
                 format!("The token lacks a required scope ({scopes}).")
             }
-            Rejection::Csrf => "Cross-origin request refused.".into(),
+            Rejection::Csrf(_) => {
+                "Cross-origin request refused: this endpoint accepts unsafe methods from its own origin only.".into()
+            }
             Rejection::MethodNotAllowed(_) => "This method is not allowed here.".into(),
             Rejection::BodyTooLarge => "The request body is too large.".into(),
             Rejection::UnsupportedMediaType => "The request body must be JSON.".into(),
-            Rejection::Schema(why) => format!("The request body does not match the schema: {why}"),
+            Rejection::Schema(SchemaFailure::NotJson(why)) => format!("Invalid request body: {why}."),
+            Rejection::Schema(SchemaFailure::Invalid(found)) => format!(
+                "The request body does not match the schema ({} problem{} in details).",
+                found.len(),
+                if found.len() == 1 { "" } else { "s" }
+            ),
             Rejection::RateLimited(_) => "Too many requests; retry later.".into(),
             Rejection::RateLimitUnavailable => {
                 "The rate limiter is unavailable; retry later.".into()
@@ -141,7 +168,10 @@ impl Rejection {
     /// The JSON response. Response filters (HSTS, security headers) are
     /// applied by the pipeline afterwards, as on any other response.
     pub fn into_response(self) -> Response<Bytes> {
-        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        let mut body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        if let Rejection::Schema(SchemaFailure::Invalid(found)) = &self {
+            body["details"] = serde_json::json!(found);
+        }
         let mut response = Response::new(Bytes::from(body.to_string()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();

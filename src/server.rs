@@ -554,7 +554,7 @@ fn record_connection_rejection(
         .rejections
         .get_or_create(&telemetry::ReasonLabels { reason })
         .inc();
-    telemetry::security_event_with(reason, detail, peer.ip(), None);
+    telemetry::security_event_with(reason, detail, None, peer.ip(), None);
 }
 
 fn connection_error(shared: &Shared, peer: SocketAddr, hyper_error: &hyper::Error) {

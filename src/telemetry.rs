@@ -148,7 +148,14 @@ impl AccessRecord {
 /// Writes the security event for a rejection. Never includes tokens, cookies or query values.
 pub fn security_event(rejection: &Rejection, record: &AccessRecord) {
     if let Some(reason) = rejection.reason() {
-        security_event_with(reason, rejection.detail(), record.client, Some(record));
+        let detail = rejection.detail();
+        security_event_with(
+            reason,
+            detail.as_deref(),
+            rejection.origin(),
+            record.client,
+            Some(record),
+        );
     }
 }
 
@@ -156,6 +163,7 @@ pub fn security_event(rejection: &Rejection, record: &AccessRecord) {
 pub fn security_event_with(
     reason: &'static str,
     detail: Option<&str>,
+    origin: Option<&str>,
     client: IpAddr,
     record: Option<&AccessRecord>,
 ) {
@@ -167,6 +175,7 @@ pub fn security_event_with(
         path = record.map(|r| r.path.as_str()),
         route = record.map(|r| &*r.route),
         detail,
+        origin,
     );
 }
 

@@ -39,18 +39,17 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
 use crate::forward::{HostField, ProxyFields};
-use crate::policy::limits::{LimitedBody, is_body_too_large};
+use crate::policy::limits::is_body_too_large;
 use crate::reject::{Rejection, UpstreamErrorKind};
 
 use codec::{BodyFraming, ChunkedDecoder, Decoded, RequestFraming};
 
-pub type UpstreamBody = LimitedBody<Incoming>;
+pub type UpstreamBody = crate::request_body::RequestBody;
 
 /// What the pipeline hands to the upstream leg.
 pub struct UpstreamRequest {

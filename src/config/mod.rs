@@ -21,8 +21,10 @@ use ipnet::IpNet;
 use rustls::sign::CertifiedKey;
 
 use crate::filters::cookies::CookiePolicy;
+use crate::policy::csrf::Origin;
 use crate::policy::jwt::JwtVerifier;
 use crate::policy::rate_limit::RateLimitSpec;
+use crate::policy::schema::RouteSchema;
 
 /// The validated configuration: everything the runtime needs, already checked
 /// and decoded (certificates loaded, keys parsed, headers built).
@@ -132,7 +134,10 @@ pub struct Route {
     pub scopes: Vec<String>,
     pub rate_limit: Option<RateLimitSpec>,
     pub csrf: bool,
-    pub allowed_origins: Vec<String>,
+    /// Origins accepted by the CSRF check besides the request's own.
+    pub allowed_origins: Vec<Origin>,
+    /// Compiled once per load; shared by the route's runtime across reloads of other keys.
+    pub json_schema: Option<Arc<RouteSchema>>,
     pub max_body_bytes: Option<u64>,
 }
 

@@ -20,8 +20,10 @@ use super::{
     Acme, Config, HeaderRules, Jwt, Log, Redis, Route, Server, SniCert, Tls, TlsVersion, Upstream,
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
+use crate::policy::csrf::Origin;
 use crate::policy::jwt::{JwtSettings, JwtVerifier};
 use crate::policy::rate_limit::{KeySource, Rate, RateLimitSpec};
+use crate::policy::schema::RouteSchema;
 
 /// A validation failure at a dotted key.
 #[derive(Debug)]
@@ -562,7 +564,7 @@ fn acme(s: &file::AcmeSection) -> Result<Acme> {
     })
 }
 
-fn routes(sections: &[file::RouteSection], has_jwt: bool, _base_dir: &Path) -> Result<Vec<Route>> {
+fn routes(sections: &[file::RouteSection], has_jwt: bool, base_dir: &Path) -> Result<Vec<Route>> {
     let mut routes: Vec<Route> = Vec::with_capacity(sections.len());
     for (i, r) in sections.iter().enumerate() {
         let key = |k: &str| format!("routes[{i}].{k}");
@@ -673,18 +675,30 @@ fn routes(sections: &[file::RouteSection], has_jwt: bool, _base_dir: &Path) -> R
                 })
             })
             .transpose()?;
-        if r.csrf {
+        if !r.allowed_origins.is_empty() && !r.csrf {
             return Err(invalid(
-                key("csrf"),
-                "CSRF checks are not built yet in this version",
+                key("allowed_origins"),
+                "allowed_origins has no effect without csrf = true on the same route",
             ));
         }
-        if r.json_schema.is_some() {
-            return Err(invalid(
-                key("json_schema"),
-                "JSON schema checks are not built yet in this version",
-            ));
-        }
+        let allowed_origins = r
+            .allowed_origins
+            .iter()
+            .enumerate()
+            .map(|(j, origin)| {
+                Origin::parse(origin)
+                    .map_err(|why| invalid(format!("routes[{i}].allowed_origins[{j}]"), why))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let json_schema = r
+            .json_schema
+            .as_deref()
+            .map(|name| {
+                RouteSchema::load(name, &resolve(base_dir, name))
+                    .map(Arc::new)
+                    .map_err(|why| invalid(key("json_schema"), format!("{name}: {why}")))
+            })
+            .transpose()?;
         routes.push(Route {
             path: r.path.clone(),
             methods,
@@ -692,7 +706,8 @@ fn routes(sections: &[file::RouteSection], has_jwt: bool, _base_dir: &Path) -> R
             scopes: r.scopes.clone(),
             rate_limit,
             csrf: r.csrf,
-            allowed_origins: r.allowed_origins.clone(),
+            allowed_origins,
+            json_schema,
             max_body_bytes: r.max_body_bytes.map(|s| s.0),
         });
     }

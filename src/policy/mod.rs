@@ -3,8 +3,10 @@
 //! rate limit, JWT, scopes, CSRF, schema (a rate limit keyed by `sub` runs
 //! right after JWT) — and acts on the first [`crate::reject::Rejection`].
 
+pub mod csrf;
 pub mod jwt;
 pub mod limits;
 pub mod method;
 pub mod rate_limit;
+pub mod schema;
 pub mod scopes;

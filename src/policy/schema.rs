@@ -1,0 +1,395 @@
+//! JSON-schema validation of request bodies (`json_schema = "file"`).
+//!
+//! The schema is compiled once per configuration load ([`RouteSchema::load`])
+//! with the `jsonschema` crate: drafts 4, 6, 7, 2019-09 and 2020-12, the
+//! draft taken from `$schema` (2020-12 when absent), `format` asserted.
+//! Nothing is fetched: a `$ref` to another document is a configuration
+//! error, never a request-time download.
+//!
+//! The decision is pure: the request's media type ([`check_media_type`]),
+//! then the collected body bytes ([`RouteSchema::judge`]). What a client is
+//! told names the place (a JSON pointer) and the schema's rule, never a
+//! value it sent: a password that fails a `pattern` is not echoed back.
+
+use http::HeaderMap;
+use http::header::CONTENT_TYPE;
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+
+/// Violations reported to the client at most.
+pub const MAX_DETAILS: usize = 10;
+
+/// A compiled schema and the file it came from.
+pub struct RouteSchema {
+    /// The file name as written in the configuration, for messages.
+    pub file: String,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for RouteSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteSchema")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One way the body fails the schema.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    /// Where in the body (RFC 6901), `""` for the whole document.
+    pub pointer: String,
+    pub message: String,
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaFailure {
+    /// Not UTF-8 or not JSON; says where, never what.
+    NotJson(String),
+    /// Valid JSON that breaks the schema: the first [`MAX_DETAILS`] violations.
+    Invalid(Vec<Violation>),
+}
+
+impl RouteSchema {
+    /// Reads and compiles `path`. `file` is the name written in the
+    /// configuration. The error says why, without the file name (the caller
+    /// puts the key and the file in front).
+    pub fn load(file: &str, path: &std::path::Path) -> Result<RouteSchema, String> {
+        let text = std::fs::read(path).map_err(|e| format!("cannot read the file: {e}"))?;
+        let schema: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| format!("not a JSON document ({e})"))?;
+        Self::compile(file, &schema)
+    }
+
+    pub fn compile(file: &str, schema: &serde_json::Value) -> Result<RouteSchema, String> {
+        if !(schema.is_object() || schema.is_boolean()) {
+            return Err("a schema is a JSON object (or true/false)".into());
+        }
+        let validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(schema)
+            .map_err(|e| match e.kind() {
+                ValidationErrorKind::Referencing(inner) => format!(
+                    "a $ref cannot be resolved ({inner}); remote and file references are never fetched: inline the referenced schema under $defs"
+                ),
+                _ => format!("not a valid schema: {e}"),
+            })?;
+        Ok(RouteSchema {
+            file: file.to_owned(),
+            validator,
+        })
+    }
+
+    /// Judges a whole body already read.
+    pub fn judge(&self, body: &[u8]) -> Result<(), SchemaFailure> {
+        let text = std::str::from_utf8(body).map_err(|e| {
+            SchemaFailure::NotJson(format!(
+                "the body is not UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ))
+        })?;
+        let document: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            let what = match e.classify() {
+                serde_json::error::Category::Eof => "it ends too early",
+                serde_json::error::Category::Data | serde_json::error::Category::Syntax => {
+                    "a syntax error"
+                }
+                serde_json::error::Category::Io => "it cannot be read",
+            };
+            SchemaFailure::NotJson(format!(
+                "the body is not JSON: {what} at line {} column {}",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let violations: Vec<Violation> = self
+            .validator
+            .iter_errors(&document)
+            .take(MAX_DETAILS)
+            .map(|error| {
+                let pointer = error.instance_path().to_string();
+                let message = describe(&pointer, error.kind());
+                Violation { pointer, message }
+            })
+            .collect();
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(SchemaFailure::Invalid(violations))
+        }
+    }
+}
+
+/// True when the body is declared JSON: `application/json` or
+/// `application/<anything>+json`, parameters allowed, any case.
+pub fn check_media_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    if !kind.eq_ignore_ascii_case("application") {
+        return false;
+    }
+    let is_token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    if subtype.eq_ignore_ascii_case("json") {
+        return true;
+    }
+    subtype.len() > 5
+        && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json")
+        && is_token(&subtype[..subtype.len() - 5])
+}
+
+/// A message from the place and the schema's rule only.
+fn describe(pointer: &str, kind: &ValidationErrorKind) -> String {
+    use ValidationErrorKind as K;
+    let rule = match kind {
+        K::Required { property } => format!("lacks the required property {property}"),
+        K::Type { kind } => {
+            let names: Vec<String> = match kind {
+                TypeKind::Single(t) => vec![t.to_string()],
+                TypeKind::Multiple(set) => set.iter().map(|t| t.to_string()).collect(),
+            };
+            format!("must be of type {}", names.join(" or "))
+        }
+        K::Enum { .. } => "must be one of the values the schema lists".into(),
+        K::Constant { .. } => "must equal the value the schema sets".into(),
+        K::Minimum { limit } => format!("must be at least {limit}"),
+        K::Maximum { limit } => format!("must be at most {limit}"),
+        K::ExclusiveMinimum { limit } => format!("must be greater than {limit}"),
+        K::ExclusiveMaximum { limit } => format!("must be less than {limit}"),
+        K::MultipleOf { multiple_of } => format!("must be a multiple of {multiple_of}"),
+        K::MinLength { limit } => format!("must be at least {limit} characters long"),
+        K::MaxLength { limit } => format!("must be at most {limit} characters long"),
+        K::MinItems { limit } => format!("must have at least {limit} items"),
+        K::MaxItems { limit } => format!("must have at most {limit} items"),
+        K::AdditionalItems { limit } => format!("must have at most {limit} items"),
+        K::MinProperties { limit } => format!("must have at least {limit} properties"),
+        K::MaxProperties { limit } => format!("must have at most {limit} properties"),
+        K::UniqueItems => "must not contain the same item twice".into(),
+        K::Pattern { .. } => "does not match the pattern the schema requires".into(),
+        K::Format { format } => format!("is not a valid \"{format}\""),
+        K::AdditionalProperties { unexpected } => format!(
+            "has {} propert{} the schema does not allow",
+            unexpected.len(),
+            if unexpected.len() == 1 { "y" } else { "ies" }
+        ),
+        K::UnevaluatedProperties { .. } => "has properties the schema does not allow".into(),
+        K::UnevaluatedItems { .. } => "has items the schema does not allow".into(),
+        K::PropertyNames { .. } => "has a property name the schema does not allow".into(),
+        K::Contains => "has no item of the kind the schema requires".into(),
+        K::FalseSchema => "is not allowed here".into(),
+        K::Not { .. } => "matches a schema it must not match".into(),
+        K::AnyOf { .. } => "matches none of the alternatives (anyOf)".into(),
+        K::OneOfNotValid { .. } => "matches none of the alternatives (oneOf)".into(),
+        K::OneOfMultipleValid { .. } => "matches more than one alternative (oneOf)".into(),
+        other => format!("fails the schema's \"{}\" rule", other.keyword()),
+    };
+    let place = if pointer.is_empty() {
+        "the body".to_owned()
+    } else {
+        pointer.to_owned()
+    };
+    format!("{place} {rule} ({})", kind.keyword())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn order_schema() -> RouteSchema {
+        RouteSchema::compile(
+            "order.json",
+            &json!({
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "object",
+                "required": ["items"],
+                "additionalProperties": false,
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["sku", "qty"],
+                            "properties": {
+                                "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]+$"},
+                                "qty": {"type": "integer", "minimum": 1}
+                            }
+                        }
+                    },
+                    "password": {"type": "string", "pattern": "^[a-z]+$"},
+                    "tier": {"enum": ["gold", "silver"]},
+                    "email": {"type": "string", "format": "email"}
+                }
+            }),
+        )
+        .unwrap()
+    }
+
+    fn violations(schema: &RouteSchema, body: &str) -> Vec<Violation> {
+        match schema.judge(body.as_bytes()) {
+            Err(SchemaFailure::Invalid(v)) => v,
+            other => panic!("expected violations, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_body_passes() {
+        let schema = order_schema();
+        assert_eq!(
+            schema.judge(br#"{"items":[{"sku":"ABC-1","qty":2}],"tier":"gold"}"#),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn each_violation_names_its_pointer_and_rule() {
+        let schema = order_schema();
+        let found = violations(&schema, r#"{"items":[{"sku":"ABC-1","qty":0}]}"#);
+        assert_eq!(
+            found,
+            [Violation {
+                pointer: "/items/0/qty".into(),
+                message: "/items/0/qty must be at least 1 (minimum)".into()
+            }]
+        );
+        let found = violations(&schema, r#"{"items":[{"qty":"two"}]}"#);
+        let pointers: Vec<&str> = found.iter().map(|v| v.pointer.as_str()).collect();
+        assert!(pointers.contains(&"/items/0"), "{found:?}");
+        assert!(pointers.contains(&"/items/0/qty"), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|v| v.message.contains("required property \"sku\"")),
+            "{found:?}"
+        );
+        let found = violations(&schema, "[]");
+        assert_eq!(found[0].pointer, "");
+        assert!(
+            found[0]
+                .message
+                .starts_with("the body must be of type object")
+        );
+    }
+
+    #[test]
+    fn messages_never_echo_what_the_client_sent() {
+        let schema = order_schema();
+        let secret = "Hunter2-Secret";
+        let body = format!(
+            r#"{{"items":[{{"sku":"{secret}","qty":1}}],"password":"{secret}","tier":"{secret}","email":"{secret}","{secret}":1}}"#
+        );
+        let found = violations(&schema, &body);
+        assert!(found.len() >= 5, "{found:?}");
+        for violation in &found {
+            assert!(!violation.message.contains(secret), "{violation:?}");
+            assert!(!violation.message.contains("Hunter"), "{violation:?}");
+        }
+    }
+
+    #[test]
+    fn at_most_ten_violations() {
+        let schema = order_schema();
+        let items: Vec<String> = (0..30)
+            .map(|_| r#"{"sku":1,"qty":0}"#.to_string())
+            .collect();
+        let found = violations(&schema, &format!(r#"{{"items":[{}]}}"#, items.join(",")));
+        assert_eq!(found.len(), MAX_DETAILS);
+    }
+
+    #[test]
+    fn not_json_says_where_not_what() {
+        let schema = order_schema();
+        match schema.judge(br#"{"items": [secret-value"#) {
+            Err(SchemaFailure::NotJson(why)) => {
+                assert!(why.contains("line 1 column"), "{why}");
+                assert!(!why.contains("secret"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match schema.judge(b"{\"a\": \"\xff\xfe\"}") {
+            Err(SchemaFailure::NotJson(why)) => assert!(why.contains("not UTF-8"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            schema.judge(b"{\"items\": [1,"),
+            Err(SchemaFailure::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn the_draft_comes_from_dollar_schema() {
+        // draft 4: exclusiveMaximum is a boolean beside maximum.
+        let draft4 = RouteSchema::compile(
+            "d4.json",
+            &json!({
+                "$schema": "http://json-schema.org/draft-04/schema#",
+                "type": "number", "maximum": 10, "exclusiveMaximum": true
+            }),
+        )
+        .unwrap();
+        assert!(draft4.judge(b"10").is_err());
+        assert_eq!(draft4.judge(b"9"), Ok(()));
+        // 2020-12 by default: prefixItems is understood.
+        let default = RouteSchema::compile(
+            "d.json",
+            &json!({"prefixItems": [{"type": "integer"}], "items": false}),
+        )
+        .unwrap();
+        assert_eq!(default.judge(b"[1]"), Ok(()));
+        assert!(default.judge(b"[1, 2]").is_err());
+    }
+
+    #[test]
+    fn bad_schemas_are_refused_with_why() {
+        let err = RouteSchema::compile("x.json", &json!({"type": "no-such-type"})).unwrap_err();
+        assert!(err.contains("not a valid schema"), "{err}");
+        let err = RouteSchema::compile("x.json", &json!([1])).unwrap_err();
+        assert!(err.contains("JSON object"), "{err}");
+        let err = RouteSchema::compile(
+            "x.json",
+            &json!({"$ref": "https://schemas.example.com/order.json"}),
+        )
+        .unwrap_err();
+        assert!(err.contains("never fetched"), "{err}");
+    }
+
+    #[test]
+    fn json_media_types() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, value.parse().unwrap());
+            check_media_type(&headers)
+        };
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/merge-patch+json",
+            "application/vnd.api+JSON ; x=y",
+        ] {
+            assert!(with(ok), "{ok}");
+        }
+        for bad in [
+            "text/json",
+            "application/jsonx",
+            "application/+json",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "json",
+            "",
+        ] {
+            assert!(!with(bad), "{bad}");
+        }
+        assert!(!check_media_type(&HeaderMap::new()));
+    }
+}
