@@ -53,14 +53,14 @@ impl Origin {
             .find(|c| matches!(c, '/' | '?' | '#' | '*' | '@'))
         {
             let what = match bad {
-                '/' => "a path (or a trailing slash)",
-                '?' => "a query",
-                '#' => "a fragment",
-                '*' => "a wildcard",
+                '/' => "path, not even a trailing slash",
+                '?' => "query",
+                '#' => "fragment",
+                '*' => "wildcard",
                 _ => "user information",
             };
             return Err(format!(
-                r#"an origin has no {what}: "{text}" (write "scheme://host[:port]")"#
+                r#"an origin is "scheme://host[:port]" with no {what}: "{text}""#
             ));
         }
         match serialize(scheme, rest) {
