@@ -61,6 +61,17 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
                 rl.rate, rl.burst, rl.key
             ));
         }
+        if route.csrf {
+            let mut csrf = "csrf".to_owned();
+            if !route.allowed_origins.is_empty() {
+                let origins: Vec<&str> = route.allowed_origins.iter().map(|o| o.as_str()).collect();
+                csrf.push_str(&format!(" (also {})", origins.join(", ")));
+            }
+            policies.push(csrf);
+        }
+        if let Some(schema) = &route.json_schema {
+            policies.push(format!("json_schema {}", schema.file));
+        }
         if let Some(max) = route.max_body_bytes {
             policies.push(format!("max_body_bytes {max}"));
         }
