@@ -394,14 +394,31 @@ impl TlsClient {
     pub async fn get(&self, path: &str) -> Answer {
         self.request(Method::GET, path, &[], Bytes::new()).await
     }
+}
 
-    /// Writes raw bytes over TLS (HTTP/1.1) and reads until the server closes
-    /// or is silent for `quiet`.
-    pub async fn raw(&self, bytes: &[u8], quiet: Duration) -> String {
-        let mut tls = self.connect(&[b"http/1.1"]).await;
-        tls.write_all(bytes).await.unwrap();
-        read_until_quiet(&mut tls, quiet).await
+/// Reads until `text` holds `count` complete responses (see
+/// [`parse_responses`]), the server closes, or `within` has passed: an
+/// event to wait on, where a quiet spell would be a guess.
+pub async fn read_responses(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    count: usize,
+    within: Duration,
+) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let text = String::from_utf8_lossy(&out);
+        let responses = parse_responses(&text);
+        if responses.len() >= count && responses.iter().all(|r| r.complete) {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
     }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub async fn read_until_quiet(
@@ -696,6 +713,9 @@ pub struct RawResponse {
     /// Names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// The whole body as framed arrived (a response without framing is
+    /// complete only when the connection closed, which this cannot see).
+    pub complete: bool,
 }
 
 impl RawResponse {
@@ -740,9 +760,11 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
                 .map(|(_, v)| v.clone())
         };
         let after = &rest[head_end + 4..];
+        let mut complete = true;
         let (body, consumed) = if (100..200).contains(&status) || status == 204 || status == 304 {
             (String::new(), 0)
         } else if let Some(length) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            complete = after.len() >= length;
             let length = length.min(after.len());
             (after[..length].to_string(), length)
         } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
@@ -751,6 +773,7 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
             loop {
                 let Some(line_end) = after[at..].find("\r\n") else {
                     at = after.len();
+                    complete = false;
                     break;
                 };
                 let size_text = after[at..at + line_end].split(';').next().unwrap_or("");
@@ -758,6 +781,7 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
                 at += line_end + 2;
                 if size == 0 {
                     // Trailers (none expected) end with an empty line.
+                    complete = at + 2 <= after.len();
                     at = (at + 2).min(after.len());
                     break;
                 }
@@ -767,12 +791,14 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
             }
             (body, at)
         } else {
+            complete = false;
             (after.to_string(), after.len())
         };
         out.push(RawResponse {
             status,
             headers,
             body,
+            complete,
         });
         rest = &after[consumed..];
     }
