@@ -28,9 +28,15 @@ pub fn respond<B>(request: &Request<B>, https_port: Option<u16>) -> Response<Ful
     }
 }
 
-/// The redirect target, or `None` when the Host is missing or malformed.
+/// The redirect target, or `None` when the Host is missing, malformed or
+/// repeated (two Hosts are the textbook host-confusion input: which one a
+/// cache or an app behind would use is anyone's guess).
 pub fn location<B>(request: &Request<B>, https_port: Option<u16>) -> Option<HeaderValue> {
-    let host = request.headers().get(HOST)?.to_str().ok()?;
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = hosts.next()?.to_str().ok()?;
+    if hosts.next().is_some() {
+        return None;
+    }
     let authority = crate::forward::parse_host(host)?;
     let mut target = String::with_capacity(host.len() + 64);
     target.push_str("https://");
@@ -77,6 +83,13 @@ mod tests {
             Some("https://[::1]:8443/x")
         );
         assert_eq!(loc(None, "/", None), None);
+        let two_hosts = Request::builder()
+            .uri("/")
+            .header(HOST, "good.test")
+            .header(HOST, "evil.test")
+            .body(())
+            .unwrap();
+        assert_eq!(location(&two_hosts, None), None);
         assert_eq!(loc(Some("evil.com/x"), "/", None), None);
         assert_eq!(loc(Some("user@evil.com"), "/", None), None);
         assert_eq!(loc(Some(""), "/", None), None);

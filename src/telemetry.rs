@@ -133,7 +133,7 @@ impl AccessRecord {
             target: ACCESS,
             client = %self.client,
             method = %self.method,
-            path = %self.path,
+            path = %LoggedPath(&self.path),
             route = %self.route,
             status = self.status,
             bytes,
@@ -143,6 +143,42 @@ impl AccessRecord {
             sub = self.sub.as_deref(),
         );
     }
+}
+
+/// A path as logged: each segment's `;parameters` keep their names and
+/// lose their values (`/app;jsessionid=SECRET` → `/app;jsessionid`), since a
+/// matrix parameter carries session ids as often as a query does.
+pub struct LoggedPath<'a>(pub &'a str);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.0.contains(';') {
+            return f.write_str(self.0);
+        }
+        let mut segments = self.0.split('/');
+        if let Some(first) = segments.next() {
+            write_segment(f, first)?;
+        }
+        for segment in segments {
+            f.write_str("/")?;
+            write_segment(f, segment)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_segment(f: &mut std::fmt::Formatter<'_>, segment: &str) -> std::fmt::Result {
+    let mut parts = segment.split(';');
+    f.write_str(parts.next().unwrap_or_default())?;
+    for parameter in parts {
+        f.write_str(";")?;
+        f.write_str(
+            parameter
+                .split_once('=')
+                .map_or(parameter, |(name, _)| name),
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes the security event for a rejection. Never includes tokens, cookies or query values.
@@ -172,7 +208,7 @@ pub fn security_event_with(
         reason,
         client = %client,
         method = record.map(|r| tracing::field::display(&r.method)),
-        path = record.map(|r| r.path.as_str()),
+        path = record.map(|r| tracing::field::display(LoggedPath(&r.path))),
         route = record.map(|r| &*r.route),
         detail,
         origin,
@@ -361,5 +397,20 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoggedPath;
+
+    #[test]
+    fn parameter_values_never_reach_the_log() {
+        let logged = |p: &str| LoggedPath(p).to_string();
+        assert_eq!(logged("/app;jsessionid=SECRET"), "/app;jsessionid");
+        assert_eq!(logged("/a;x=1;y/b;z=2=3/c;flag"), "/a;x;y/b;z/c;flag");
+        assert_eq!(logged("/plain/path"), "/plain/path");
+        assert_eq!(logged(";k=v"), ";k");
+        assert_eq!(logged("/"), "/");
     }
 }

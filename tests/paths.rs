@@ -189,3 +189,31 @@ async fn the_longest_matching_prefix_wins() {
         assert_eq!(answer.header("allow"), allow, "{method} {target}");
     }
 }
+
+#[tokio::test]
+async fn path_parameter_values_are_forwarded_but_never_logged() {
+    let upstream = Upstream::start().await;
+    let proxy = admin_proxy(&upstream).await;
+    let answer = exchange(&proxy, "GET", "/app;jsessionid=SECRET-SESSION/x;v=2").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        upstream.last().target,
+        "/app;jsessionid=SECRET-SESSION/x;v=2"
+    );
+    let refused = exchange(&proxy, "POST", "/admin;jsessionid=SECRET-ADMIN").await;
+    assert_eq!(refused.status, 405);
+
+    let access = proxy
+        .wait_event(|e| e["target"] == "access" && e["path"] == "/app;jsessionid/x;v")
+        .await;
+    assert_eq!(access["status"], 200, "{access}");
+    let security = proxy
+        .wait_event(|e| e["reason"] == "method_not_allowed")
+        .await;
+    assert_eq!(security["path"], "/admin;jsessionid", "{security}");
+    let log = proxy.stdout.lock().unwrap().join("\n");
+    assert!(
+        !log.contains("SECRET"),
+        "a parameter value reached the log:\n{log}"
+    );
+}

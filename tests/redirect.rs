@@ -193,3 +193,19 @@ async fn malformed_host_is_400() {
         );
     }
 }
+
+#[tokio::test]
+async fn two_host_headers_are_400_not_a_redirect_to_either() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let http = proxy.http.unwrap();
+    for hosts in [
+        "Host: good.test\r\nHost: evil.test\r\n",
+        "Host: good.test\r\nhost: good.test\r\n",
+    ] {
+        let request = format!("GET /a HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n");
+        let response = plain(http, &request).await;
+        assert_eq!(response.status, 400, "{hosts:?}: {response:?}");
+        assert!(response.header("location").is_none(), "{response:?}");
+    }
+}
