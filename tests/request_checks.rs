@@ -111,6 +111,9 @@ fn assert_refused(answer: &Answer, status: u16, error: &str, what: &str) {
 
 // ---------------------------------------------------------------- CSRF
 
+/// Method, headers, whether it passes, what it stands for.
+type Case<'a> = (Method, Vec<(&'a str, &'a str)>, bool, &'a str);
+
 #[tokio::test]
 async fn csrf_follows_the_browser_signals_in_order_over_both_protocols() {
     let upstream = Upstream::start().await;
@@ -119,7 +122,7 @@ async fn csrf_follows_the_browser_signals_in_order_over_both_protocols() {
     let other_port = format!("https://localhost:{}", proxy.https.port() + 1);
     let plain_own = format!("http://localhost:{}", proxy.https.port());
     #[rustfmt::skip]
-    let cases: Vec<(Method, Vec<(&str, &str)>, bool, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (Method::GET, vec![("sec-fetch-site", "cross-site"), ("origin", "https://evil.example")], true, "safe method"),
         (Method::HEAD, vec![("sec-fetch-site", "cross-site")], true, "safe method"),
         (Method::OPTIONS, vec![("origin", "https://evil.example")], true, "safe method"),
