@@ -88,7 +88,7 @@ impl Runtime {
         Ok(Runtime {
             filters: ResponseFilters::from_config(&config),
             tls,
-            routes: RouteTable::new(routes, metrics),
+            routes: RouteTable::new(routes, metrics, config.server.case_insensitive_routes),
             upstreams,
             identity_headers,
             config,

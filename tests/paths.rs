@@ -217,3 +217,61 @@ async fn path_parameter_values_are_forwarded_but_never_logged() {
         "a parameter value reached the log:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn case_insensitive_routes_put_every_spelling_under_the_policy() {
+    let upstream = Upstream::start().await;
+    // Default: case-sensitive, as SPEC's segment prefix reads.
+    let proxy = admin_proxy(&upstream).await;
+    assert_eq!(exchange(&proxy, "POST", "/admin/x").await.status, 405);
+    assert_eq!(exchange(&proxy, "POST", "/ADMIN/x").await.status, 200);
+    assert_eq!(upstream.last().target, "/ADMIN/x");
+    drop(proxy);
+
+    let config = ProxyConfig {
+        server: "case_insensitive_routes = true".into(),
+        rest: ADMIN_GET_ONLY.into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    let before = upstream.count();
+    for target in ["/ADMIN/x", "/Admin", "/aDmIn;v=1/y"] {
+        let answer = exchange(&proxy, "POST", target).await;
+        assert_eq!(answer.status, 405, "{target}");
+    }
+    assert_eq!(upstream.count(), before, "a refused spelling was forwarded");
+    let answer = exchange(&proxy, "GET", "/AdMiN/Page").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        upstream.last().target,
+        "/AdMiN/Page",
+        "the path is forwarded as sent"
+    );
+    assert_eq!(exchange(&proxy, "POST", "/ADMINISTRATOR").await.status, 200);
+}
+
+#[test]
+fn routes_differing_only_in_case_are_refused_when_matching_ignores_case() {
+    let dir = tempfile::tempdir().unwrap();
+    common::make_cert(dir.path(), "cert", &["localhost"]);
+    let write = |server: &str| {
+        let toml = format!(
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\n{server}\n[tls]\ncert = \"cert.pem\"\nkey = \"cert.key\"\n\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\n[[routes]]\npath = \"/api\"\n\n[[routes]]\npath = \"/API\"\n"
+        );
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, toml).unwrap();
+        std::process::Command::new(common::BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    assert!(write("").status.success());
+    let refused = write("case_insensitive_routes = true\n");
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("routes[1].path") && err.contains("routes[0]"),
+        "{err}"
+    );
+}

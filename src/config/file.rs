@@ -53,6 +53,8 @@ pub struct ServerSection {
     pub max_header_bytes: SizeValue,
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: SizeValue,
+    #[serde(default)]
+    pub case_insensitive_routes: bool,
     /// Not in SPEC: worker threads, each with its own runtime and listener
     /// (SO_REUSEPORT). Defaults to the number of cores.
     pub workers: Option<usize>,

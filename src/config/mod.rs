@@ -58,6 +58,9 @@ pub struct Server {
     pub shutdown_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
+    /// Routes match ASCII case-insensitively (for upstreams that route so);
+    /// the upstream still gets the path as sent.
+    pub case_insensitive_routes: bool,
     pub workers: usize,
 }
 

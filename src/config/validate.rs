@@ -70,7 +70,12 @@ pub fn validate(file: FileConfig, base_dir: &Path, config_path: &Path) -> Result
         Some(section) => Some(jwt(section, base_dir)?),
         None => None,
     };
-    let routes = routes(&file.routes, jwt.is_some(), base_dir)?;
+    let routes = routes(
+        &file.routes,
+        jwt.is_some(),
+        server.case_insensitive_routes,
+        base_dir,
+    )?;
     Ok(Config {
         path: config_path.to_path_buf(),
         server,
@@ -163,6 +168,7 @@ fn server(s: &file::ServerSection) -> Result<Server> {
         shutdown_timeout: s.shutdown_timeout.0,
         max_header_bytes,
         max_body_bytes: s.max_body_bytes.0,
+        case_insensitive_routes: s.case_insensitive_routes,
         workers,
     })
 }
@@ -564,7 +570,12 @@ fn acme(s: &file::AcmeSection) -> Result<Acme> {
     })
 }
 
-fn routes(sections: &[file::RouteSection], has_jwt: bool, base_dir: &Path) -> Result<Vec<Route>> {
+fn routes(
+    sections: &[file::RouteSection],
+    has_jwt: bool,
+    case_insensitive: bool,
+    base_dir: &Path,
+) -> Result<Vec<Route>> {
     let mut routes: Vec<Route> = Vec::with_capacity(sections.len());
     for (i, r) in sections.iter().enumerate() {
         let key = |k: &str| format!("routes[{i}].{k}");
@@ -589,6 +600,18 @@ fn routes(sections: &[file::RouteSection], has_jwt: bool, base_dir: &Path) -> Re
             return Err(invalid(
                 key("path"),
                 format!("the same path as routes[{first}]"),
+            ));
+        }
+        if case_insensitive
+            && let Some(first) = routes
+                .iter()
+                .position(|other| other.path.eq_ignore_ascii_case(&r.path))
+        {
+            return Err(invalid(
+                key("path"),
+                format!(
+                    "the same path as routes[{first}] when routes match case-insensitively (server.case_insensitive_routes)"
+                ),
             ));
         }
         let methods = r
