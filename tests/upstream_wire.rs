@@ -867,6 +867,49 @@ async fn upstream_closing_mid_body_resets_the_h2_stream() {
     }
 }
 
+/// Chunk-size lines outside RFC 9112's grammar: a CR or form feed before
+/// `;`, an extension without a name, an unterminated quoted value. Each
+/// could be read as another chunk boundary by some other parser, so the
+/// response is aborted and the connection never reused.
+#[tokio::test]
+async fn chunk_lines_outside_the_grammar_abort_the_response() {
+    const BAD: [(&str, &[u8]); 4] = [
+        ("/cr", b"3\r;x\r\nabc\r\n0\r\n\r\n"),
+        ("/form-feed", b"3\x0c;x\r\nabc\r\n0\r\n\r\n"),
+        ("/no-name", b"3;=v\r\nabc\r\n0\r\n\r\n"),
+        ("/open-quote", b"3;a=\"x\r\nabc\r\n0\r\n\r\n"),
+    ];
+    let upstream =
+        RawUpstream::start(
+            |seen| match BAD.iter().find(|(path, _)| *path == seen.target) {
+                Some((_, body)) => reply_in_pieces(&[
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                    body,
+                ]),
+                None => reply(OK),
+            },
+        )
+        .await;
+    let proxy = start_proxy(upstream.addr, "10s").await;
+    let client = proxy.client();
+    for (path, _) in BAD {
+        let mut sender = client.h1().await;
+        let outcome = try_answer(sender.send_request(h1_request(Method::GET, path, b""))).await;
+        assert_aborted(outcome, &format!("HTTP/1.1 {path}"));
+        let got = get(&client, "/ok").await.complete();
+        assert_eq!(
+            (got.status, got.text().as_str()),
+            (StatusCode::OK, "ok"),
+            "after {path}"
+        );
+    }
+    assert_eq!(
+        upstream.connections(),
+        BAD.len() + 1,
+        "a connection left mid-chunk was reused"
+    );
+}
+
 // ------------------------------------------------------------ 8. early response
 
 const UPLOAD_BYTES: u64 = 2 * 1024 * 1024;

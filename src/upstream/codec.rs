@@ -472,7 +472,11 @@ fn take_line(buffer: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Chun
     }
 }
 
-/// `1*HEXDIG [ BWS ";" extensions ]`; extensions are ignored.
+/// `chunk-size [ chunk-ext ]` (RFC 9112 §7.1): `1*HEXDIG`, then
+/// `*( BWS ";" BWS token [ BWS "=" BWS ( token / quoted-string ) ] )`.
+/// Extensions are checked and ignored; white space is only SP and HTAB (a
+/// CR or form feed before `;` is how two parsers come to disagree on where
+/// a chunk ends).
 fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
     let digits_end = line
         .iter()
@@ -483,8 +487,7 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
     if digits.is_empty() || digits.len() > 15 {
         return Err(ChunkError::BadSize);
     }
-    let rest = rest.trim_ascii_start();
-    if !rest.is_empty() && rest[0] != b';' {
+    if !valid_chunk_extensions(rest) {
         return Err(ChunkError::BadSize);
     }
     Ok(digits.iter().fold(0u64, |n, &d| {
@@ -495,6 +498,68 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
         };
         n * 16 + u64::from(value)
     }))
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn skip_bws(bytes: &[u8], mut at: usize) -> usize {
+    while at < bytes.len() && matches!(bytes[at], b' ' | b'\t') {
+        at += 1;
+    }
+    at
+}
+
+fn skip_token(bytes: &[u8], at: usize) -> Option<usize> {
+    let end = at + bytes[at..].iter().take_while(|&&b| is_tchar(b)).count();
+    (end > at).then_some(end)
+}
+
+/// A `quoted-string` whose opening quote is at `at`; the index after it.
+fn skip_quoted(bytes: &[u8], mut at: usize) -> Option<usize> {
+    let is_text = |b: u8| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80;
+    at += 1;
+    while let Some(&b) = bytes.get(at) {
+        match b {
+            b'"' => return Some(at + 1),
+            b'\\' if bytes.get(at + 1).is_some_and(|&e| is_text(e)) => at += 2,
+            b'\\' => return None,
+            b if is_text(b) => at += 1,
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn valid_chunk_extensions(rest: &[u8]) -> bool {
+    let mut at = 0;
+    loop {
+        at = skip_bws(rest, at);
+        if at == rest.len() {
+            return true;
+        }
+        if rest[at] != b';' {
+            return false;
+        }
+        at = skip_bws(rest, at + 1);
+        let Some(end) = skip_token(rest, at) else {
+            return false;
+        };
+        at = skip_bws(rest, end);
+        if rest.get(at) == Some(&b'=') {
+            at = skip_bws(rest, at + 1);
+            let value_end = match rest.get(at) {
+                Some(b'"') => skip_quoted(rest, at),
+                Some(_) => skip_token(rest, at),
+                None => None,
+            };
+            let Some(value_end) = value_end else {
+                return false;
+            };
+            at = value_end;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -733,6 +798,20 @@ mod tests {
     }
 
     #[test]
+    fn chunk_extensions_follow_rfc_9112() {
+        for good in [
+            &b"3;name\r\nabc\r\n0\r\n\r\n"[..],
+            b"3 ; name = value\r\nabc\r\n0\r\n\r\n",
+            b"3\t;a=1;b;c=\"quoted ; \\\" value\"\r\nabc\r\n0\r\n\r\n",
+            b"3   \r\nabc\r\n0;last=1\r\n\r\n",
+        ] {
+            let (data, done) = decode_all(good)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", String::from_utf8_lossy(good)));
+            assert_eq!((data.as_slice(), done), (&b"abc"[..], true));
+        }
+    }
+
+    #[test]
     fn malformed_chunks_are_refused() {
         assert_eq!(decode_all(b"zz\r\n").unwrap_err(), ChunkError::BadSize);
         assert_eq!(
@@ -744,6 +823,25 @@ mod tests {
             decode_all(b"1000000000000000\r\n").unwrap_err(),
             ChunkError::BadSize
         );
+        for bad in [
+            &b"3\r;x\r\nabc\r\n"[..],
+            b"3\x0c;x\r\nabc\r\n",
+            b"3 x\r\nabc\r\n",
+            b"3;\r\nabc\r\n",
+            b"3;=v\r\nabc\r\n",
+            b"3;a=\r\nabc\r\n",
+            b"3;a=\"open\r\nabc\r\n",
+            b"3;a b\r\nabc\r\n",
+            b"3;a=b c\r\nabc\r\n",
+            b"3;a=\"\x01\"\r\nabc\r\n",
+        ] {
+            assert_eq!(
+                decode_all(bad).unwrap_err(),
+                ChunkError::BadSize,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         let mut long = b"1;".to_vec();
         long.resize(MAX_CHUNK_LINE_BYTES + 10, b'a');
         assert_eq!(decode_all(&long).unwrap_err(), ChunkError::LineTooLong);
