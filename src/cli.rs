@@ -37,7 +37,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:3000")]
         listen: SocketAddr,
     },
-    /// Write a self-signed development certificate and key (ECDSA P-256).
+    /// Write a self-signed development certificate and key (ECDSA P-256), valid from one hour ago to 90 days from now.
     GenCert {
         #[arg(long, default_value = "certs")]
         out: PathBuf,
@@ -48,7 +48,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Print a signed JWT accepted by the configured [jwt] verifier.
+    /// Print a signed JWT accepted by the configured [jwt] verifier (HS*: with the secret_env variable unset, the secret `demo` keeps in certs/demo-jwt-secret.key).
     Token {
         #[arg(long)]
         sub: String,

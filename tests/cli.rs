@@ -50,6 +50,7 @@ fn shipped_config() -> (tempfile::TempDir, PathBuf) {
         &config,
     )
     .unwrap();
+    common::copy_shipped_schemas(dir.path());
     gen_cert(dir.path());
     (dir, config)
 }

@@ -449,14 +449,6 @@ async fn an_upstream_error_status_is_logged_as_such() {
 
 // ---- demo --------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the demo however the test ends.
 struct Running(Child);
 
@@ -491,28 +483,7 @@ fn curl_binary() -> Option<std::path::PathBuf> {
 #[tokio::test]
 async fn the_demo_serves_the_shipped_config_and_answers_curl() {
     let dir = tempfile::tempdir().unwrap();
-    let (https, http, admin, upstream) = (free_port(), free_port(), free_port(), free_port());
-    let shipped =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).unwrap();
-    let config_text = shipped
-        .replace("127.0.0.1:8443", &format!("127.0.0.1:{https}"))
-        .replace(
-            "redirect_https_port = 8443",
-            &format!("redirect_https_port = {https}"),
-        )
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"))
-        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
-        .replace("127.0.0.1:3000", &format!("127.0.0.1:{upstream}"));
-    for old in ["8443", "8080", "9901", "3000"] {
-        assert!(
-            !config_text
-                .lines()
-                .any(|l| l.split('#').next().unwrap().contains(old)),
-            "port {old} left in the config"
-        );
-    }
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(&config, config_text).unwrap();
+    let (config, https) = common::shipped_config_on_free_ports(dir.path());
 
     let child = Command::new(BIN)
         .arg("demo")

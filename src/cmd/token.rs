@@ -1,5 +1,8 @@
 //! `portcullis token`: a signed JWT that the configured `[jwt]` verifier
-//! accepts, for trying protected routes with curl.
+//! accepts, for trying protected routes with curl. With the HS* secret's
+//! variable unset, it signs with the secret `portcullis demo` keeps in
+//! `certs/demo-jwt-secret.key`, so a token minted in a second terminal is
+//! accepted by a running demo.
 
 use std::path::Path;
 
@@ -27,6 +30,7 @@ pub fn token(
             Ok((name.to_string(), value))
         })
         .collect::<Result<Vec<_>, Failure>>()?;
+    use_demo_secret(config_path)?;
     let config = crate::config::load(config_path)?;
     let jwt = config.jwt.as_ref().ok_or_else(|| {
         Failure::Usage(format!(
@@ -51,5 +55,28 @@ pub fn token(
     let token = mint(&jwt.settings, private_key.as_deref(), &request)
         .map_err(|e| Failure::Usage(format!("jwt.{e}")))?;
     println!("{token}");
+    Ok(())
+}
+
+/// Exports the demo's secret under the configured variable when that
+/// variable is unset and the demo's file exists; otherwise changes nothing,
+/// and `config::load` names the missing variable as usual.
+fn use_demo_secret(config_path: &Path) -> Result<(), Failure> {
+    let Some(var) = super::demo::hmac_secret_env(config_path) else {
+        return Ok(());
+    };
+    if std::env::var_os(&var).is_some() {
+        return Ok(());
+    }
+    let path = super::demo::secret_path(config_path);
+    if let Some(secret) = super::demo::read_secret(&path)? {
+        eprintln!(
+            "token: {var} is unset; using the demo's secret from {}",
+            path.display()
+        );
+        // SAFETY: single-threaded: `token` starts no runtime or thread, and
+        // the variable is set before anything reads the environment.
+        unsafe { std::env::set_var(&var, secret) };
+    }
     Ok(())
 }

@@ -899,3 +899,51 @@ pub async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The shipped `proxy.toml` on free ports, in a fresh directory.
+pub fn shipped_config_on_free_ports(dir: &Path) -> (PathBuf, u16) {
+    let (https, http, admin, upstream) = (free_port(), free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).unwrap();
+    let text = shipped
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{https}"))
+        .replace(
+            "redirect_https_port = 8443",
+            &format!("redirect_https_port = {https}"),
+        )
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:3000", &format!("127.0.0.1:{upstream}"));
+    for old in ["8443", "8080", "9901", "3000"] {
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.split('#').next().unwrap().contains(old)),
+            "port {old} left in the config"
+        );
+    }
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    copy_shipped_schemas(dir);
+    (config, https)
+}
+
+/// Copies the files the shipped `proxy.toml` names besides certificates
+/// (the schema routes' schemas) into `dir`.
+pub fn copy_shipped_schemas(dir: &Path) {
+    let schemas = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    std::fs::create_dir_all(dir.join("schemas")).unwrap();
+    for entry in std::fs::read_dir(&schemas).expect("the shipped schemas/") {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join("schemas").join(entry.file_name())).unwrap();
+    }
+}
