@@ -70,12 +70,7 @@ pub fn validate(file: FileConfig, base_dir: &Path, config_path: &Path) -> Result
         Some(section) => Some(jwt(section, base_dir)?),
         None => None,
     };
-    let routes = routes(
-        &file.routes,
-        jwt.is_some(),
-        server.case_insensitive_routes,
-        base_dir,
-    )?;
+    let routes = routes(&file.routes, jwt.is_some(), &server, base_dir)?;
     Ok(Config {
         path: config_path.to_path_buf(),
         server,
@@ -570,12 +565,19 @@ fn acme(s: &file::AcmeSection) -> Result<Acme> {
     })
 }
 
+/// The body limit of a `json_schema` route that sets none: the body is
+/// parsed into a tree that takes up to ~90 times its size while it is
+/// judged, so the server-wide 10 MiB default would let one request cost
+/// most of a gigabyte.
+pub const SCHEMA_DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
+
 fn routes(
     sections: &[file::RouteSection],
     has_jwt: bool,
-    case_insensitive: bool,
+    server: &Server,
     base_dir: &Path,
 ) -> Result<Vec<Route>> {
+    let case_insensitive = server.case_insensitive_routes;
     let mut routes: Vec<Route> = Vec::with_capacity(sections.len());
     for (i, r) in sections.iter().enumerate() {
         let key = |k: &str| format!("routes[{i}].{k}");
@@ -722,6 +724,11 @@ fn routes(
                     .map_err(|why| invalid(key("json_schema"), format!("{name}: {why}")))
             })
             .transpose()?;
+        let max_body_bytes = r.max_body_bytes.map(|s| s.0).or_else(|| {
+            json_schema
+                .as_ref()
+                .map(|_| SCHEMA_DEFAULT_MAX_BODY_BYTES.min(server.max_body_bytes))
+        });
         routes.push(Route {
             path: r.path.clone(),
             methods,
@@ -731,7 +738,7 @@ fn routes(
             csrf: r.csrf,
             allowed_origins,
             json_schema,
-            max_body_bytes: r.max_body_bytes.map(|s| s.0),
+            max_body_bytes,
         });
     }
     Ok(routes)
