@@ -16,8 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry};
-use crate::fragment::{FragmentLog, FragmentSniffer};
 use crate::runtime::{Runtime, Shared};
+use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
 use crate::telemetry;
 
@@ -164,9 +164,9 @@ async fn serve_https(
         .inc();
 
     let activity = Activity::new(!is_h2);
-    let fragments = FragmentLog::new();
+    let anomalies = AnomalyLog::new();
     let io = ActivityIo::new(
-        FragmentSniffer::new(tls, fragments.clone()),
+        RequestHeadSniffer::new(tls, anomalies.clone()),
         activity.clone(),
     )
     .holding(slot);
@@ -176,7 +176,7 @@ async fn serve_https(
         peer,
         version,
         is_h2,
-        fragments,
+        anomalies,
         activity.clone(),
     ));
     let io = TokioIo::new(io);
