@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::fragment::FragmentLog;
 use crate::runtime::Shared;
+use crate::sniffer::AnomalyLog;
 
 /// What the pipeline knows about the connection a request came on.
 pub struct ConnInfo {
@@ -33,7 +33,8 @@ pub struct ConnInfo {
     /// TLS version label for the access log ("1.2", "1.3").
     pub tls: &'static str,
     pub is_h2: bool,
-    pub fragments: FragmentLog,
+    /// What the request-head sniffer flagged, by request index.
+    pub anomalies: AnomalyLog,
     pub activity: Arc<Activity>,
     requests: AtomicU64,
 }
@@ -45,7 +46,7 @@ impl ConnInfo {
         peer: SocketAddr,
         tls: &'static str,
         is_h2: bool,
-        fragments: FragmentLog,
+        anomalies: AnomalyLog,
         activity: Arc<Activity>,
     ) -> Self {
         // An IP address's text is always a valid header value.
@@ -58,13 +59,15 @@ impl ConnInfo {
             peer_header,
             tls,
             is_h2,
-            fragments,
+            anomalies,
             activity,
             requests: AtomicU64::new(0),
         }
     }
 
     /// The 0-based index of this request on the connection (HTTP/1 order).
+    /// Called exactly once per service call: the sniffer's [`AnomalyLog`] is
+    /// keyed by this count (the invariant is in [`crate::sniffer`]).
     pub fn next_request_index(&self) -> u64 {
         self.requests.fetch_add(1, Ordering::Relaxed)
     }

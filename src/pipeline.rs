@@ -33,7 +33,6 @@ use hyper::body::Incoming;
 use crate::body::ResponseBody;
 use crate::connection::ConnInfo;
 use crate::forward;
-use crate::fragment::Anomaly;
 use crate::path;
 use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
 use crate::policy::rate_limit::{self, RateLimitInfo};
@@ -43,6 +42,7 @@ use crate::reject::Rejection;
 use crate::request_body::{self, RequestBody};
 use crate::routes::RouteRuntime;
 use crate::runtime::Runtime;
+use crate::sniffer::Anomaly;
 use crate::telemetry::{self, AccessRecord};
 use crate::upstream::{UpstreamRequest, UpstreamUpgrade};
 
@@ -124,7 +124,15 @@ async fn judge_and_forward(
 
     // 0. the request head: size, framing, a fragment the URI parser dropped
     limits::check_head(parts, server.max_header_bytes)?;
-    match ctx.conn.fragments.anomaly(request_index) {
+    // `request_index` counts service calls on this connection; the sniffer
+    // counts the HTTP/1 request heads it read. They name the same request
+    // because hyper reads the next head only after this call's future has
+    // finished, and the sniffer sees a head's bytes before hyper parses them.
+    // Where the sniffer stops following (an Upgrade header, CONNECT,
+    // ambiguous framing, HTTP/2) it records nothing more, so the rest of the
+    // connection looks clean here. See "The invariant that ties it to hyper"
+    // in sniffer.rs before changing how either side counts.
+    match ctx.conn.anomalies.anomaly(request_index) {
         Some(Anomaly::Fragment) => return Err(Rejection::InvalidPath(path::PathError::Fragment)),
         Some(Anomaly::LengthAndTransferEncoding) => {
             return Err(Rejection::BadRequest(

@@ -1,248 +1,25 @@
-//! Listeners, workers, connections and shutdown.
-//!
-//! The HTTPS port is served by N worker threads (one per core by default),
-//! each with its own single-threaded tokio runtime and its own
-//! `SO_REUSEPORT` listener on the same address, so the kernel spreads
-//! connections across cores and a request never changes threads. The main
-//! thread runs a small control runtime: signals, the HTTP→HTTPS redirect
-//! listener, the admin listener and periodic maintenance.
-//!
-//! Shutdown follows tokio's mini-redis: stop accepting, tell every
-//! connection to finish (hyper's graceful shutdown), wait for them up to
-//! `shutdown_timeout`.
+//! One worker thread's accept loop, and the life of each HTTPS connection
+//! it accepts: a `max_connections` slot, the TLS handshake, hyper's HTTP/1.1
+//! or HTTP/2 connection as ALPN chose, and the header-read and idle deadlines.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::config::Config;
 use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry};
-use crate::fragment::{FragmentLog, FragmentSniffer};
 use crate::runtime::{Runtime, Shared};
+use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
 use crate::telemetry;
-
-/// Binds a listening socket. `reuse_port` lets every worker bind the same address.
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_tcp_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
-}
-
-/// One listener per worker on the same address; the first resolves port 0.
-fn bind_workers(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let first = bind(addr, true).with_context(|| format!("cannot listen on {addr}"))?;
-    let actual = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..workers {
-        listeners.push(bind(actual, true).with_context(|| format!("cannot listen on {actual}"))?);
-    }
-    Ok(listeners)
-}
-
-/// Runs the proxy until SIGTERM/SIGINT. Reloads on SIGHUP.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let workers = config.server.workers;
-    let https = bind_workers(config.server.https_listen, workers)?;
-    let https_addr = https[0].local_addr()?;
-    let http = match config.server.http_listen {
-        Some(addr) => Some(bind(addr, false).with_context(|| format!("cannot listen on {addr}"))?),
-        None => None,
-    };
-    let admin = match config.server.admin_listen {
-        Some(addr) => Some(bind(addr, false).with_context(|| format!("cannot listen on {addr}"))?),
-        None => None,
-    };
-    let config_path = config.path.clone();
-    let metrics = crate::telemetry::Metrics::new();
-    let runtime = Runtime::build(config, workers, None, &metrics)?;
-    let shared = Shared::new(runtime, workers, metrics);
-
-    if let Some(http) = &http {
-        eprintln!(
-            "portcullis: http (redirect) listening on {}",
-            http.local_addr()?
-        );
-    }
-    if let Some(admin) = &admin {
-        eprintln!("portcullis: admin listening on {}", admin.local_addr()?);
-    }
-    // Last, so that a supervisor (or a test) that waits for this line finds the others printed.
-    eprintln!("portcullis: https listening on {https_addr}");
-
-    let mut threads = Vec::new();
-    for (worker, listener) in https.into_iter().enumerate() {
-        let shared = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("portcullis-w{worker}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(error) => {
-                            tracing::error!(%error, "cannot start a worker runtime");
-                            shared.shutdown.cancel();
-                            return;
-                        }
-                    };
-                    rt.block_on(async move {
-                        worker_loop(worker, listener, shared.clone()).await;
-                        // The listener is closed now, but this runtime still
-                        // drives the connections it accepted (and their
-                        // upstream legs): dropping it would cut requests in
-                        // flight. Keep it running until they are done; the
-                        // control thread bounds the whole drain by
-                        // `shutdown_timeout` and then exits the process.
-                        shared.connections.wait().await;
-                    });
-                })?,
-        );
-    }
-
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    control.block_on(async move {
-        if let Some(jwt) = &shared.runtime.load().config.jwt {
-            jwt.verifier.start_background();
-        }
-        if let Some(http) = http {
-            tokio::spawn(redirect_loop(
-                TcpListener::from_std(http)?,
-                shared.clone(),
-                https_addr.port(),
-            ));
-        }
-        if let Some(admin) = admin {
-            tokio::spawn(crate::admin::serve(
-                TcpListener::from_std(admin)?,
-                shared.clone(),
-            ));
-        }
-        tokio::spawn(maintenance(shared.clone()));
-        shared.listeners_ready.store(true, Ordering::Release);
-        wait_for_signals(&shared, &config_path).await;
-        drain(&shared).await;
-        anyhow::Ok(())
-    })?;
-    Ok(())
-}
-
-async fn wait_for_signals(shared: &Arc<Shared>, config_path: &std::path::Path) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        shared.shutdown.cancelled().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = shared.shutdown.cancelled() => break,
-            _ = hup.recv() => reload(shared, config_path),
-        }
-    }
-    tracing::info!("shutting down: no new connections; finishing requests in flight");
-}
-
-/// SIGHUP: a new configuration replaces the running one only if it validates.
-pub fn reload(shared: &Arc<Shared>, config_path: &std::path::Path) {
-    let current = shared.runtime.load_full();
-    let config = match crate::config::load(config_path) {
-        Ok(config) => config,
-        Err(error) => {
-            tracing::error!(error = %error, "reload rejected; the running configuration stays in force");
-            return;
-        }
-    };
-    let old = &current.config.server;
-    let new = &config.server;
-    if old.https_listen != new.https_listen
-        || old.http_listen != new.http_listen
-        || old.admin_listen != new.admin_listen
-        || old.max_connections != new.max_connections
-        || old.workers != new.workers
-    {
-        tracing::warn!("listen addresses, max_connections and workers change only on restart");
-    }
-    match Runtime::build(config, shared.workers, Some(&current), &shared.metrics) {
-        Ok(runtime) => {
-            if let Some(jwt) = &runtime.config.jwt {
-                jwt.verifier.start_background();
-            }
-            shared.runtime.store(Arc::new(runtime));
-            tracing::info!("configuration reloaded");
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "reload rejected; the running configuration stays in force")
-        }
-    }
-}
-
-async fn drain(shared: &Arc<Shared>) {
-    shared.shutdown.cancel();
-    shared.connections.close();
-    let timeout = shared.runtime.load().config.server.shutdown_timeout;
-    if tokio::time::timeout(timeout, shared.connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?timeout,
-            "shutdown_timeout reached with requests still in flight; closing them"
-        );
-    }
-}
-
-/// Periodic upkeep: rate-limiter sweeps, idle upstream connections closed.
-async fn maintenance(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shared.shutdown.cancelled() => return,
-        }
-        let runtime = shared.runtime.load_full();
-        for route in runtime.routes.iter() {
-            if let Some(limiter) = &route.limiter {
-                limiter.sweep();
-            }
-        }
-        for upstream in runtime.upstreams.iter() {
-            upstream.sweep();
-        }
-    }
-}
 
 /// The HTTP/1.1 and HTTP/2 connection settings, built once per worker.
 struct HttpBuilders {
@@ -268,7 +45,11 @@ fn http_builders(runtime: &Runtime) -> HttpBuilders {
     HttpBuilders { http1, http2 }
 }
 
-async fn worker_loop(worker: usize, listener: std::net::TcpListener, shared: Arc<Shared>) {
+pub(super) async fn worker_loop(
+    worker: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -383,9 +164,9 @@ async fn serve_https(
         .inc();
 
     let activity = Activity::new(!is_h2);
-    let fragments = FragmentLog::new();
+    let anomalies = AnomalyLog::new();
     let io = ActivityIo::new(
-        FragmentSniffer::new(tls, fragments.clone()),
+        RequestHeadSniffer::new(tls, anomalies.clone()),
         activity.clone(),
     )
     .holding(slot);
@@ -395,7 +176,7 @@ async fn serve_https(
         peer,
         version,
         is_h2,
-        fragments,
+        anomalies,
         activity.clone(),
     ));
     let io = TokioIo::new(io);
@@ -574,56 +355,4 @@ fn connection_error(shared: &Shared, peer: SocketAddr, hyper_error: &hyper::Erro
         }
     }
     tracing::debug!(error = %hyper_error, %peer, "connection ended with an error");
-}
-
-/// The HTTP listener: every request gets a 308 to the same URL on HTTPS.
-async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, https_port: u16) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed on the HTTP listener");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shared.shutdown.cancelled() => return,
-        };
-        let shared = shared.clone();
-        shared.clone().connections.spawn(async move {
-            let runtime = shared.runtime.load_full();
-            let port = Some(
-                runtime
-                    .config
-                    .server
-                    .redirect_https_port
-                    .unwrap_or(https_port),
-            )
-            .filter(|p| *p != 443);
-            let timeout = runtime.config.server.header_read_timeout;
-            drop(runtime);
-            let service = service_fn(move |request| async move {
-                Ok::<_, std::convert::Infallible>(crate::redirect::respond(&request, port))
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .keep_alive(true);
-            let connection = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %peer, "redirect connection ended with an error");
-                    }
-                }
-                _ = shared.shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
 }

@@ -1,4 +1,5 @@
-//! Detection of what hyper hides from the request handler in HTTP/1 heads:
+//! An HTTP/1 request-head sniffer: it reads the client's bytes on their way
+//! into hyper and flags what hyper hides from the request handler —
 //! `#fragment`s in request targets, and `Content-Length` sent together with
 //! `Transfer-Encoding` (hyper drops the `Content-Length` and serves the
 //! request chunked; the contract refuses it, since such requests are how
@@ -8,11 +9,11 @@
 //! request target (`/admin#x` arrives as `/admin`), yet the contract answers
 //! such a request with a 400, because peers that do see the fragment have
 //! been bypassed through it (Envoy CVE-2021-32779, HAProxy CVE-2023-45539).
-//! [`FragmentSniffer`] therefore sits between the decrypted TLS stream and
+//! [`RequestHeadSniffer`] therefore sits between the decrypted TLS stream and
 //! hyper, follows HTTP/1.1 message framing just far enough to find every
-//! request line, and records in a [`FragmentLog`] which requests on the
-//! connection (by 0-based index, in the order hyper serves them) had a `#`
-//! in their target.
+//! request head, and records in an [`AnomalyLog`] which requests on the
+//! connection (by 0-based index, in the order hyper serves them) had an
+//! [`Anomaly`] in their head.
 //!
 //! The tracker mirrors the framing rules of hyper 1.x (`httparse` for heads,
 //! hyper's own `Content-Length`, `Transfer-Encoding` and chunked decoder),
@@ -25,13 +26,43 @@
 //! Whatever hyper rejects outright closes the connection, so only inputs
 //! hyper accepts need to be read exactly as it reads them.
 //!
-//! Use: wrap the TLS stream with `FragmentSniffer::new(tls, log.clone())`
+//! Use: wrap the TLS stream with `RequestHeadSniffer::new(tls, log.clone())`
 //! before handing it to hyper, count the requests the service receives on
-//! that connection from 0, and answer 400 when `log.had_fragment(index)`.
-//! An HTTP/2 connection is recognised by its preface and left alone, so the
-//! log answers `false` for every request on it; its `:path` is parsed by the
-//! same `http` crate, which drops a fragment there too, and HPACK keeps it
-//! out of reach of a byte scanner.
+//! that connection from 0, and answer 400 when `log.anomaly(index)` is
+//! `Some`. An HTTP/2 connection is recognised by its preface and left alone,
+//! so the log answers `None` for every request on it; its `:path` is parsed
+//! by the same `http` crate, which drops a fragment there too, and HPACK
+//! keeps it out of reach of a byte scanner.
+//!
+//! # The invariant that ties it to hyper
+//!
+//! The log is keyed by position only: the n-th call of the service on a
+//! connection (the index [`crate::connection::ConnInfo::next_request_index`]
+//! hands out) must be the n-th request head the sniffer saw. Nothing checks
+//! this at run time; it holds because
+//!
+//! * the sniffer is the reader hyper reads from, so it sees every byte
+//!   hyper sees, in the same order, before hyper parses it: a head's anomaly
+//!   is recorded before hyper can call the service for that head;
+//! * it ends a message exactly where hyper does (same head and body framing
+//!   rules), and stops following wherever the two could disagree;
+//! * hyper's HTTP/1 server calls the service once per head it accepts, in
+//!   order, and reads the next head only once the previous call's future
+//!   has finished (its dispatcher keeps one future in flight), so the index,
+//!   taken while that future runs, follows the order of the heads;
+//! * a head hyper refuses ends the connection, so no later call is shifted
+//!   by a head that was seen but never served.
+//!
+//! What breaks it: the sniffer ending a message where hyper does not (a
+//! framing rule of hyper's that the tracker does not mirror), the index
+//! being counted anywhere but once per service call, or more than one
+//! HTTP/1 request in flight on a connection. Each would move a flag onto
+//! another request. The places where the sniffer stops following on purpose
+//! (after an `Upgrade` header — whether or not the upgrade then happens —
+//! a `CONNECT`, ambiguous framing, the HTTP/2 preface) are safe: it records
+//! nothing more on that connection, so later requests are looked up as
+//! clean. That costs detections on the rest of the connection, never a
+//! flag on the wrong request.
 
 use std::io;
 use std::pin::Pin;
@@ -56,14 +87,14 @@ pub enum Anomaly {
 /// Shared between the wrapper (writer) and the request handler (reader).
 /// Cheap to clone.
 #[derive(Clone, Default, Debug)]
-pub struct FragmentLog {
+pub struct AnomalyLog {
     /// Indices in increasing order. Anomalies are rare and each one earns a
     /// 400, so this stays short; a Mutex is uncontended because the writer
     /// and the reader run in the same connection task.
     flagged: Arc<Mutex<Vec<(u64, Anomaly)>>>,
 }
 
-impl FragmentLog {
+impl AnomalyLog {
     pub fn new() -> Self {
         Self::default()
     }
@@ -100,16 +131,16 @@ impl FragmentLog {
 }
 
 /// An I/O wrapper that passes every byte through unchanged and records, in
-/// its [`FragmentLog`], the requests whose target carried a fragment.
+/// its [`AnomalyLog`], the requests whose head had an [`Anomaly`].
 #[derive(Debug)]
-pub struct FragmentSniffer<IO> {
+pub struct RequestHeadSniffer<IO> {
     io: IO,
-    log: FragmentLog,
+    log: AnomalyLog,
     tracker: Tracker,
 }
 
-impl<IO> FragmentSniffer<IO> {
-    pub fn new(io: IO, log: FragmentLog) -> Self {
+impl<IO> RequestHeadSniffer<IO> {
+    pub fn new(io: IO, log: AnomalyLog) -> Self {
         Self {
             io,
             log,
@@ -122,7 +153,7 @@ impl<IO> FragmentSniffer<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for FragmentSniffer<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for RequestHeadSniffer<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -139,7 +170,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FragmentSniffer<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for FragmentSniffer<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for RequestHeadSniffer<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -258,7 +289,7 @@ enum State {
 }
 
 impl Tracker {
-    fn feed(&mut self, mut bytes: &[u8], log: &FragmentLog) {
+    fn feed(&mut self, mut bytes: &[u8], log: &AnomalyLog) {
         while let Some((&byte, rest)) = bytes.split_first() {
             match self.state {
                 State::Passthrough => return,
@@ -323,7 +354,7 @@ impl Tracker {
         }
     }
 
-    fn step(&mut self, byte: u8, log: &FragmentLog) -> State {
+    fn step(&mut self, byte: u8, log: &AnomalyLog) -> State {
         match self.state {
             State::BeforeRequest => match byte {
                 b'\r' | b'\n' => State::BeforeRequest,
@@ -495,7 +526,7 @@ impl Tracker {
         }
     }
 
-    fn end_of_head(&mut self, log: &FragmentLog) -> State {
+    fn end_of_head(&mut self, log: &AnomalyLog) -> State {
         match (
             self.head.content_length,
             self.head.transfer_encoding_chunked,
@@ -660,7 +691,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn flagged(log: &FragmentLog) -> Vec<u64> {
+    fn flagged(log: &AnomalyLog) -> Vec<u64> {
         log.flagged
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -672,7 +703,7 @@ mod tests {
 
     #[test]
     fn content_length_with_transfer_encoding_is_recorded_for_its_request() {
-        let log = FragmentLog::new();
+        let log = AnomalyLog::new();
         let mut tracker = Tracker::default();
         tracker.feed(
             b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -685,7 +716,7 @@ mod tests {
 
     /// Feeds `stream` to a fresh tracker in pieces of `piece_len` bytes.
     fn scan_in_pieces(stream: &[u8], piece_len: usize) -> (Vec<u64>, Tracker) {
-        let log = FragmentLog::new();
+        let log = AnomalyLog::new();
         let mut tracker = Tracker::default();
         for piece in stream.chunks(piece_len.max(1)) {
             tracker.feed(piece, &log);
@@ -701,8 +732,8 @@ mod tests {
     /// bytes come out unchanged, and returns what was flagged.
     async fn read_through_sniffer(stream: &[u8], read_len: usize) -> Vec<u64> {
         let (mut client, server) = tokio::io::duplex(64);
-        let log = FragmentLog::new();
-        let mut sniffer = FragmentSniffer::new(server, log.clone());
+        let log = AnomalyLog::new();
+        let mut sniffer = RequestHeadSniffer::new(server, log.clone());
         let written = stream.to_vec();
         let writer = tokio::spawn(async move {
             client.write_all(&written).await?;
@@ -733,7 +764,7 @@ mod tests {
         assert_eq!(read_through_sniffer(PIPELINED, 7).await, vec![0, 2]);
         assert_eq!(read_through_sniffer(PIPELINED, 4096).await, vec![0, 2]);
 
-        let log = FragmentLog::new();
+        let log = AnomalyLog::new();
         Tracker::default().feed(PIPELINED, &log);
         assert!(log.had_fragment(0));
         assert!(!log.had_fragment(1));
@@ -748,7 +779,7 @@ mod tests {
             GET /e#f HTTP/1.1\r\n\r\n";
         let expected = vec![1, 2];
         for split in 0..=stream.len() {
-            let log = FragmentLog::new();
+            let log = AnomalyLog::new();
             let mut tracker = Tracker::default();
             tracker.feed(&stream[..split], &log);
             tracker.feed(&stream[split..], &log);
@@ -783,8 +814,8 @@ mod tests {
 
     #[tokio::test]
     async fn one_byte_per_read() {
-        let log = FragmentLog::new();
-        let mut sniffer = FragmentSniffer::new(
+        let log = AnomalyLog::new();
+        let mut sniffer = RequestHeadSniffer::new(
             OneBytePerRead {
                 data: PIPELINED.to_vec(),
                 position: 0,
@@ -819,7 +850,7 @@ mod tests {
 
     #[test]
     fn several_hashes_in_one_target_are_recorded_once() {
-        let log = FragmentLog::new();
+        let log = AnomalyLog::new();
         Tracker::default().feed(b"GET /a#b#c#d HTTP/1.1\r\n\r\n", &log);
         assert_eq!(flagged(&log), vec![0]);
     }
@@ -970,7 +1001,7 @@ mod tests {
 
     #[test]
     fn answers_for_lower_indices_are_forgotten() {
-        let log = FragmentLog::new();
+        let log = AnomalyLog::new();
         for index in [1, 3, 4] {
             log.record(index, Anomaly::Fragment);
         }
@@ -988,13 +1019,13 @@ mod tests {
     #[test]
     fn the_log_is_shareable_across_threads() {
         fn assert_send_sync<T: Send + Sync + Clone>() {}
-        assert_send_sync::<FragmentLog>();
+        assert_send_sync::<AnomalyLog>();
     }
 
     #[tokio::test]
     async fn writes_pass_through_unchanged() {
         let (mut client, server) = tokio::io::duplex(1024);
-        let mut sniffer = FragmentSniffer::new(server, FragmentLog::new());
+        let mut sniffer = RequestHeadSniffer::new(server, AnomalyLog::new());
         assert_eq!(
             sniffer.is_write_vectored(),
             sniffer.get_ref().is_write_vectored()
@@ -1192,10 +1223,10 @@ mod tests {
         use http_body_util::BodyExt;
 
         let (client, server) = tokio::io::duplex(1 << 20);
-        let log = FragmentLog::new();
+        let log = AnomalyLog::new();
         let served = Arc::new(Mutex::new(Vec::new()));
         let next_index = Arc::new(AtomicU64::new(0));
-        let sniffer = FragmentSniffer::new(server, log.clone());
+        let sniffer = RequestHeadSniffer::new(server, log.clone());
         let service = {
             let served = served.clone();
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {

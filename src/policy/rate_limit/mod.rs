@@ -1,0 +1,80 @@
+//! Per-route rate limiting: the decision, not the plumbing.
+//!
+//! A route with `rate_limit = { rate = "10/s", burst = 20, key = "ip" }` owns one
+//! [`RouteLimiter`]: governor's keyed GCRA limiter, one state per client key, so a
+//! request is counted only against the route it matched. This module turns request
+//! parts (peer address, headers, verified JWT subject) into a [`LimitKey`], decides
+//! allow / 429 for it, and says what the response must carry (`Retry-After`,
+//! `RateLimit-Policy`, `RateLimit`). It owns no sockets and writes no responses: the
+//! server calls [`client_ip`], [`limit_key`] and [`RouteLimiter::check`] and renders
+//! the outcome.
+//!
+//! One file per concept:
+//!
+//! * `spec.rs`: the route's `rate_limit` table ([`RateLimitSpec`], [`Rate`]) and its
+//!   configuration errors;
+//! * `key.rs`: which client a request counts against ([`KeySource`], [`LimitKey`],
+//!   [`limit_key`], [`client_ip`] behind trusted proxies);
+//! * `limiter.rs`: the decision, governor's GCRA ([`RouteLimiter`]);
+//! * `store.rs`: where the per-key states live, capped, with the overflow bucket
+//!   and the sweep;
+//! * `headers.rs`: what the answer carries (`RateLimit-Policy`, `RateLimit`,
+//!   `Retry-After`: [`RateLimitInfo`], [`RateLimited`]).
+//!
+//! # Where the shared (Redis) limiter slots in
+//!
+//! `[redis]` is a later issue. The seam is deliberately small:
+//!
+//! * a Redis backend runs the same GCRA (a Lua script over `key_prefix`, the route and
+//!   the [`LimitKey`]), fed by [`Rate::interval`] and [`RateLimitSpec::burst`], and
+//!   builds its answers with [`RateLimitInfo::allowed`] and [`RateLimited::after`], so
+//!   both backends round `Retry-After` and render headers identically;
+//! * it is async (one round-trip bounded by `redis.timeout`) and therefore lives next
+//!   to, not behind, [`RouteLimiter::check`]: every rate-limited route keeps its
+//!   `RouteLimiter`, which is also the `on_error = "local"` fallback while Redis fails;
+//! * [`LimitKey::Digest`] is keyed per process, so a shared backend must derive its
+//!   own cross-instance name for long keys (e.g. SHA-256 of the raw value).
+
+mod headers;
+mod key;
+mod limiter;
+mod spec;
+mod store;
+
+pub use headers::{QuotaPolicy, RATELIMIT, RATELIMIT_POLICY, RateLimitInfo, RateLimited};
+pub use key::{KeySource, LimitKey, MAX_INLINE_KEY_BYTES, client_ip, limit_key};
+pub use limiter::RouteLimiter;
+pub use spec::{Rate, RateLimitConfigError, RateLimitSpec};
+
+/// Builders shared by the unit tests of every file here.
+#[cfg(test)]
+mod test_support {
+    use governor::clock::FakeRelativeClock;
+
+    use super::{LimitKey, RateLimitSpec, RouteLimiter};
+
+    pub(super) fn spec(rate: &str, burst: u32, key: &str) -> RateLimitSpec {
+        RateLimitSpec::new(rate.parse().unwrap(), burst, key.parse().unwrap()).unwrap()
+    }
+
+    pub(super) fn fake(
+        rate: &str,
+        burst: u32,
+    ) -> (RouteLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        fake_capped(rate, burst, RouteLimiter::DEFAULT_MAX_KEYS)
+    }
+
+    pub(super) fn fake_capped(
+        rate: &str,
+        burst: u32,
+        max_keys: usize,
+    ) -> (RouteLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let limiter = RouteLimiter::with_clock(spec(rate, burst, "ip"), max_keys, clock.clone());
+        (limiter, clock)
+    }
+
+    pub(super) fn ip(s: &str) -> LimitKey {
+        LimitKey::Ip(s.parse().unwrap())
+    }
+}

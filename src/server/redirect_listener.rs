@@ -1,0 +1,65 @@
+//! The plain-HTTP listener (`http_listen`): every request gets a 308 to the
+//! same URL on HTTPS, built by [`crate::redirect`]. It runs on the control
+//! thread's runtime, beside the admin listener, and drains with the rest on
+//! shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::runtime::Shared;
+
+/// The HTTP listener: every request gets a 308 to the same URL on HTTPS.
+pub(super) async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, https_port: u16) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed on the HTTP listener");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        shared.clone().connections.spawn(async move {
+            let runtime = shared.runtime.load_full();
+            let port = Some(
+                runtime
+                    .config
+                    .server
+                    .redirect_https_port
+                    .unwrap_or(https_port),
+            )
+            .filter(|p| *p != 443);
+            let timeout = runtime.config.server.header_read_timeout;
+            drop(runtime);
+            let service = service_fn(move |request| async move {
+                Ok::<_, std::convert::Infallible>(crate::redirect::respond(&request, port))
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .keep_alive(true);
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %peer, "redirect connection ended with an error");
+                    }
+                }
+                _ = shared.shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
