@@ -97,6 +97,15 @@ pub async fn handle(
 
     // 6. response filters, on the proxy's own answers too
     let mut response = outcome;
+    if !conn.is_h2
+        && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        && conn.anomalies.last_followed(request_index)
+    {
+        // Not upgraded: the bytes after this request cannot be checked.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     runtime.filters.apply(response.headers_mut());
     if let Some(info) = &ctx.rate_limit_info {
         for (name, value) in info.header_values() {
@@ -128,10 +137,18 @@ async fn judge_and_forward(
     // counts the HTTP/1 request heads it read. They name the same request
     // because hyper reads the next head only after this call's future has
     // finished, and the sniffer sees a head's bytes before hyper parses them.
-    // Where the sniffer stops following (an Upgrade header, CONNECT,
-    // ambiguous framing, HTTP/2) it records nothing more, so the rest of the
-    // connection looks clean here. See "The invariant that ties it to hyper"
-    // in sniffer.rs before changing how either side counts.
+    // Where the sniffer stops following (after an Upgrade head, at CONNECT
+    // or framing it cannot mirror) nothing later on the connection was
+    // checked, so nothing later is served: the request that ended the
+    // following closes the connection behind its answer (see `handle`), and
+    // any request hyper reads after it anyway is refused here. See "The
+    // invariant that ties it to hyper" in sniffer.rs before changing how
+    // either side counts.
+    if !ctx.conn.is_h2 && !ctx.conn.anomalies.followed(request_index) {
+        return Err(Rejection::BadRequest(
+            "a request the proxy cannot delimit on this connection",
+        ));
+    }
     match ctx.conn.anomalies.anomaly(request_index) {
         Some(Anomaly::Fragment) => return Err(Rejection::InvalidPath(path::PathError::Fragment)),
         Some(Anomaly::LengthAndTransferEncoding) => {

@@ -60,12 +60,14 @@
 //! another request. The places where the sniffer stops following on purpose
 //! (after an `Upgrade` header — whether or not the upgrade then happens —
 //! a `CONNECT`, ambiguous framing, the HTTP/2 preface) are safe: it records
-//! nothing more on that connection, so later requests are looked up as
-//! clean. That costs detections on the rest of the connection, never a
-//! flag on the wrong request.
+//! nothing more on that connection and marks where following stopped
+//! ([`AnomalyLog::followed`]); the pipeline closes the connection after the
+//! last followed request and refuses any later one, so no request is served
+//! unchecked.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -88,10 +90,27 @@ pub enum Anomaly {
 /// Cheap to clone.
 #[derive(Clone, Default, Debug)]
 pub struct AnomalyLog {
+    shared: Arc<LogState>,
+}
+
+#[derive(Debug)]
+struct LogState {
     /// Indices in increasing order. Anomalies are rare and each one earns a
     /// 400, so this stays short; a Mutex is uncontended because the writer
     /// and the reader run in the same connection task.
-    flagged: Arc<Mutex<Vec<(u64, Anomaly)>>>,
+    flagged: Mutex<Vec<(u64, Anomaly)>>,
+    /// The first request index the sniffer did not follow (`u64::MAX` while
+    /// it follows them all).
+    unfollowed_from: AtomicU64,
+}
+
+impl Default for LogState {
+    fn default() -> Self {
+        Self {
+            flagged: Mutex::new(Vec::new()),
+            unfollowed_from: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl AnomalyLog {
@@ -113,7 +132,11 @@ impl AnomalyLog {
     /// The first anomaly of the request with this 0-based index, if any;
     /// asked in increasing order, like [`Self::had_fragment`].
     pub fn anomaly(&self, request_index: u64) -> Option<Anomaly> {
-        let mut flagged = self.flagged.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut flagged = self
+            .shared
+            .flagged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let answered = flagged.partition_point(|&(index, _)| index < request_index);
         flagged.drain(..answered);
         flagged
@@ -122,8 +145,29 @@ impl AnomalyLog {
             .map(|&(_, anomaly)| anomaly)
     }
 
+    /// True when the sniffer read this request's head, so [`Self::anomaly`]
+    /// speaks for it. A request after the point where the sniffer stopped
+    /// following the connection was never checked, and must not be served.
+    pub fn followed(&self, request_index: u64) -> bool {
+        request_index < self.shared.unfollowed_from.load(Ordering::Relaxed)
+    }
+
+    /// True when this request is the last one the sniffer follows (it had an
+    /// `Upgrade` header, say): the connection must close after its answer
+    /// unless it becomes a tunnel.
+    pub fn last_followed(&self, request_index: u64) -> bool {
+        request_index.checked_add(1) == Some(self.shared.unfollowed_from.load(Ordering::Relaxed))
+    }
+
+    fn stop_following(&self, from_index: u64) {
+        self.shared
+            .unfollowed_from
+            .fetch_min(from_index, Ordering::Relaxed);
+    }
+
     fn record(&self, request_index: u64, anomaly: Anomaly) {
-        self.flagged
+        self.shared
+            .flagged
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((request_index, anomaly));
@@ -238,6 +282,11 @@ struct HeadFraming {
     content_length: Option<u64>,
     /// `Some(true)` when the last `Transfer-Encoding` ends in `chunked`.
     transfer_encoding_chunked: Option<bool>,
+    /// An `Upgrade` header: after this request's head the bytes may stop
+    /// being HTTP/1 (a tunnel), so the sniffer follows no further.
+    upgrade: bool,
+    /// The head of an upgrading request was read to its end (and judged).
+    upgrade_head_read: bool,
 }
 
 /// Line ends follow httparse: a head line ends at LF, and a CR is ignored
@@ -288,6 +337,28 @@ enum State {
     Passthrough,
 }
 
+impl State {
+    /// Reading a request body (its chunk framing included), past its head.
+    fn is_in_body(self) -> bool {
+        matches!(
+            self,
+            State::Body { .. }
+                | State::ChunkStart
+                | State::ChunkSize { .. }
+                | State::ChunkSizeWhitespace { .. }
+                | State::ChunkExtension { .. }
+                | State::ChunkSizeLf { .. }
+                | State::ChunkData { .. }
+                | State::ChunkDataCr
+                | State::ChunkDataLf
+                | State::TrailersLineStart
+                | State::Trailer
+                | State::TrailerLf
+                | State::EndLf
+        )
+    }
+}
+
 impl Tracker {
     fn feed(&mut self, mut bytes: &[u8], log: &AnomalyLog) {
         while let Some((&byte, rest)) = bytes.split_first() {
@@ -314,7 +385,21 @@ impl Tracker {
                         bytes = &bytes[skipped..];
                         continue;
                     }
+                    let in_head = !self.state.is_in_body();
                     self.state = self.step(byte, log);
+                    if self.state == State::Passthrough {
+                        // A head cut short may be one hyper serves (a
+                        // leniency the tracker does not share): it and all
+                        // later ones go unchecked, so none may be served.
+                        // An Upgrade head was read whole (see end_of_head),
+                        // and so was the head of a body that went astray.
+                        let from = if self.head.upgrade_head_read || !in_head {
+                            self.request_index.saturating_add(1)
+                        } else {
+                            self.request_index
+                        };
+                        log.stop_following(from);
+                    }
                     bytes = rest;
                 }
             }
@@ -478,8 +563,9 @@ impl Tracker {
                 Some(FramingHeader::TransferEncoding) => {
                     State::HeaderValue(ValueParser::TransferEncoding(TokenMatch::default()))
                 }
-                // What follows a successful upgrade is no longer HTTP/1.
-                Some(FramingHeader::Upgrade) => State::Passthrough,
+                // What follows a successful upgrade is no longer HTTP/1:
+                // the head is still read to its end (see end_of_head).
+                Some(FramingHeader::Upgrade) => State::HeaderValue(ValueParser::Upgrade),
                 None if progress.len == 0 => State::Passthrough,
                 None => State::HeaderValue(ValueParser::Ignored),
             },
@@ -508,6 +594,10 @@ impl Tracker {
     fn end_of_header_line(&mut self, value: ValueParser) -> State {
         match value {
             ValueParser::Ignored => State::HeaderLineStart,
+            ValueParser::Upgrade => {
+                self.head.upgrade = true;
+                State::HeaderLineStart
+            }
             ValueParser::ContentLength {
                 value, has_digits, ..
             } => match self.head.content_length {
@@ -527,6 +617,21 @@ impl Tracker {
     }
 
     fn end_of_head(&mut self, log: &AnomalyLog) -> State {
+        let upgrade = self.head.upgrade;
+        let index = self.request_index;
+        let next = self.end_of_head_framing(log);
+        if upgrade {
+            // Whether the upgrade happens is the upstream's answer, which
+            // the sniffer never sees: it follows no further either way, but
+            // this head itself was read whole.
+            self.request_index = index;
+            self.head.upgrade_head_read = true;
+            return State::Passthrough;
+        }
+        next
+    }
+
+    fn end_of_head_framing(&mut self, log: &AnomalyLog) -> State {
         match (
             self.head.content_length,
             self.head.transfer_encoding_chunked,
@@ -602,6 +707,8 @@ impl NameMatch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ValueParser {
     Ignored,
+    /// The value does not matter, only that the header is there.
+    Upgrade,
     /// hyper takes the trimmed value as plain decimal digits, no sign, no
     /// list.
     ContentLength {
@@ -617,6 +724,7 @@ impl ValueParser {
     fn advance(self, byte: u8) -> Option<Self> {
         match self {
             Self::Ignored => Some(Self::Ignored),
+            Self::Upgrade => Some(Self::Upgrade),
             Self::ContentLength {
                 value,
                 has_digits,
@@ -692,7 +800,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn flagged(log: &AnomalyLog) -> Vec<u64> {
-        log.flagged
+        log.shared
+            .flagged
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
@@ -907,6 +1016,26 @@ mod tests {
             );
             assert_eq!(tracker.state, State::Passthrough);
         }
+        // Where following stops: after the upgrading head (it was read
+        // whole), at the CONNECT or preface itself.
+        let log_of = |bytes: &[u8]| {
+            let log = AnomalyLog::new();
+            let mut tracker = Tracker::default();
+            tracker.feed(bytes, &log);
+            log
+        };
+        let log = log_of(b"GET /a HTTP/1.1\r\n\r\nGET /ws HTTP/1.1\r\nUpgrade: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n");
+        assert!(log.followed(0) && log.followed(1) && !log.followed(2));
+        assert!(!log.last_followed(0) && log.last_followed(1));
+        let log = log_of(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n");
+        assert!(!log.followed(0));
+        let log = log_of(b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        assert!(
+            log.followed(0) && !log.followed(1),
+            "a malformed chunk ends following"
+        );
+        let log = log_of(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n");
+        assert!(log.followed(5) && !log.last_followed(1));
         // The upgrading request itself is still judged.
         assert_eq!(
             scan(b"GET /ws#x HTTP/1.1\r\nUpgrade: websocket\r\n\r\nGET /x#y HTTP/1.1\r\n\r\n"),

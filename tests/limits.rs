@@ -344,6 +344,47 @@ async fn content_length_with_transfer_encoding_never_smuggles_a_second_request()
     }
 }
 
+/// A request the sniffer cannot follow past (an `Upgrade` that does not
+/// happen, a body with a malformed chunk) ends the connection: were it kept
+/// alive, the next request on it would skip the fragment and CL+TE checks.
+#[tokio::test]
+async fn no_request_after_an_unfollowable_one_is_served_on_the_same_connection() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with(&upstream, "", "").await;
+    let after = "GET /after#frag HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    for first in [
+        "GET /first HTTP/1.1\r\nHost: localhost\r\nUpgrade: x\r\n\r\n".to_string(),
+        "GET /first HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n".to_string(),
+        format!("POST /first HTTP/1.1\r\nHost: localhost\r\nUpgrade: x\r\nContent-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+    ] {
+        let before = upstream.count();
+        let (responses, text, closed) = smuggle(&proxy, &format!("{first}{after}")).await;
+        assert!(closed, "connection left open after {first:?}: {text:?}");
+        assert_eq!(responses.len(), 1, "{first:?} → {text:?}");
+        assert_eq!(responses[0].status, 200, "{text:?}");
+        assert_eq!(responses[0].header("connection"), Some("close"), "{text:?}");
+        let seen: Vec<String> = upstream.recorded()[before..]
+            .iter()
+            .map(|r| r.target.clone())
+            .collect();
+        assert_eq!(seen, ["/first"], "after {first:?}");
+    }
+    // A CONNECT is not something a reverse proxy in front of an app tunnels.
+    let (responses, text, closed) = smuggle(
+        &proxy,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(closed, "{text:?}");
+    assert_eq!(responses.first().map(|r| r.status), Some(400), "{text:?}");
+    assert!(
+        !upstream
+            .recorded()
+            .iter()
+            .any(|r| r.method == http::Method::CONNECT)
+    );
+}
+
 #[tokio::test]
 async fn conflicting_content_lengths_are_rejected_and_nothing_is_forwarded() {
     let upstream = Upstream::start().await;

@@ -4,7 +4,7 @@
 //! `check` errors for a bad `rate_limit`.
 //!
 //! The limiter's own unit tests (fake clock, Retry-After rounding, the
-//! 1,000,000-key memory bound) live in src/policy/rate_limit.rs; here every
+//! 1,000,000-key memory bound) live in src/policy/rate_limit/; here every
 //! request goes over TLS to the spawned proxy and is judged by status, JSON
 //! body, headers, whether the upstream was reached, stdout events and
 //! `/metrics`.
