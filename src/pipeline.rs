@@ -218,15 +218,20 @@ async fn judge_and_forward(
     let mut response = match client.send(upstream_request).await {
         Ok(response) => response,
         Err(rejection) => {
-            if let Rejection::Upstream(kind) = &rejection {
-                ctx.conn
-                    .shared
-                    .metrics
-                    .upstream_errors
-                    .get_or_create(&telemetry::KindLabels {
-                        kind: kind.as_str(),
-                    })
-                    .inc();
+            let metrics = &ctx.conn.shared.metrics;
+            match &rejection {
+                Rejection::Upstream(kind) => {
+                    metrics
+                        .upstream_errors
+                        .get_or_create(&telemetry::KindLabels {
+                            kind: kind.as_str(),
+                        })
+                        .inc();
+                }
+                Rejection::ClientAborted => {
+                    metrics.client_aborts.inc();
+                }
+                _ => {}
             }
             return Err(rejection);
         }
@@ -432,7 +437,7 @@ fn reject(ctx: &RequestContext<'_>, rejection: Rejection) -> Response<ResponseBo
     let close = !ctx.conn.is_h2
         && matches!(
             rejection,
-            Rejection::BadRequest(_) | Rejection::BodyTooLarge
+            Rejection::BadRequest(_) | Rejection::BodyTooLarge | Rejection::ClientAborted
         );
     let mut response = rejection.into_response().map(ResponseBody::full);
     if close {

@@ -50,14 +50,18 @@ pub enum Rejection {
     RateLimitUnavailable,
     HeaderTooLarge,
     Upstream(UpstreamErrorKind),
+    /// The client stopped sending its request body (reset its stream,
+    /// closed its connection): nobody may be left to read this answer.
+    ClientAborted,
 }
 
 impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
-            Rejection::InvalidPath(_) | Rejection::BadRequest(_) | Rejection::Schema(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::InvalidPath(_)
+            | Rejection::BadRequest(_)
+            | Rejection::Schema(_)
+            | Rejection::ClientAborted => StatusCode::BAD_REQUEST,
             Rejection::MissingToken | Rejection::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Rejection::InsufficientScope(_) | Rejection::Csrf(_) => StatusCode::FORBIDDEN,
             Rejection::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -89,6 +93,7 @@ impl Rejection {
             Rejection::HeaderTooLarge => "header_too_large",
             Rejection::Upstream(UpstreamErrorKind::Timeout) => "upstream_timeout",
             Rejection::Upstream(_) => "upstream_unreachable",
+            Rejection::ClientAborted => "client_aborted",
         }
     }
 
@@ -96,7 +101,9 @@ impl Rejection {
     /// judgement on the client (the upstream's faults).
     pub fn reason(&self) -> Option<&'static str> {
         match self {
-            Rejection::Upstream(_) | Rejection::RateLimitUnavailable => None,
+            Rejection::Upstream(_)
+            | Rejection::RateLimitUnavailable
+            | Rejection::ClientAborted => None,
             Rejection::BadRequest(_) => Some("invalid_request"),
             other => Some(other.code()),
         }
@@ -162,6 +169,7 @@ impl Rejection {
                 "The application did not answer in time.".into()
             }
             Rejection::Upstream(_) => "The application is unreachable.".into(),
+            Rejection::ClientAborted => "The request body ended before it was complete.".into(),
         }
     }
 

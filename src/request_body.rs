@@ -78,7 +78,7 @@ pub async fn read_whole(
             if is_body_too_large(error.as_ref()) {
                 Rejection::BodyTooLarge
             } else {
-                Rejection::BadRequest("the request body could not be read")
+                Rejection::ClientAborted
             }
         })?;
         if let Ok(data) = frame.into_data() {

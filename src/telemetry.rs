@@ -316,6 +316,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// Requests whose client went away while its body was being forwarded:
+    /// not an upstream fault, so kept out of `upstream_errors`.
+    pub client_aborts: Counter,
     pub rejections: Family<ReasonLabels, Counter>,
     pub active_connections: Gauge<i64, AtomicI64>,
     pub tls_handshakes: Family<VersionLabels, Counter>,
@@ -329,6 +332,7 @@ impl Metrics {
             duration_histogram as fn() -> Histogram,
         );
         let upstream_errors = Family::<KindLabels, Counter>::default();
+        let client_aborts = Counter::default();
         let rejections = Family::<ReasonLabels, Counter>::default();
         let active_connections = Gauge::<i64, AtomicI64>::default();
         let tls_handshakes = Family::<VersionLabels, Counter>::default();
@@ -347,6 +351,11 @@ impl Metrics {
             "upstream_errors",
             "Failures talking to the upstream, by kind (connect, timeout, reset)",
             upstream_errors.clone(),
+        );
+        registry.register(
+            "client_aborts",
+            "Requests whose client stopped sending its body before the end",
+            client_aborts.clone(),
         );
         registry.register(
             "rejections",
@@ -378,6 +387,7 @@ impl Metrics {
             requests,
             duration,
             upstream_errors,
+            client_aborts,
             rejections,
             active_connections,
             tls_handshakes,

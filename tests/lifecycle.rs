@@ -699,3 +699,50 @@ async fn text_log_format_writes_access_lines_as_text() {
     }
     assert!(!lines.iter().any(|l| l.contains("hunter2")), "{lines:?}");
 }
+
+/// A client that stops sending its upload is its own fault, not the
+/// upstream's: `portcullis_client_aborts_total` counts it and
+/// `portcullis_upstream_errors_total{kind="reset"}` stays at 0.
+#[tokio::test]
+async fn a_client_that_abandons_its_upload_is_counted_as_a_client_abort() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let before = metrics(&proxy).await;
+    assert_eq!(
+        sample(&before, "portcullis_client_aborts_total", &[]),
+        Some(0.0),
+        "{before}"
+    );
+
+    let mut tls = proxy.client().connect(&[b"http/1.1"]).await;
+    tls.write_all(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    tls.flush().await.unwrap();
+    // Half the body is on its way upstream; then the client leaves.
+    drop(tls);
+
+    let mut aborts = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while aborts.is_none() && Instant::now() < deadline {
+        let text = metrics(&proxy).await;
+        if sample(&text, "portcullis_client_aborts_total", &[]) == Some(1.0) {
+            aborts = Some(text);
+        } else {
+            // Polling a scrape: the count lands when the proxy notices the close.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let text = aborts.expect("the abandoned upload was never counted as a client abort");
+    assert_eq!(
+        sample(
+            &text,
+            "portcullis_upstream_errors_total",
+            &[("kind", "reset")]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+}

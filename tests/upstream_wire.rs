@@ -684,6 +684,43 @@ async fn interim_responses_are_skipped_and_the_final_one_relayed() {
     assert_eq!(upstream.connections(), 1);
 }
 
+/// An upstream that sends interim responses without end never gets to hold
+/// the request: past a handful, the client gets the proxy's 502 and the
+/// connection is not reused.
+#[tokio::test]
+async fn endless_interim_responses_are_502() {
+    let upstream = RawUpstream::start(|seen| match seen.target.as_str() {
+        "/interim" => {
+            let mut pieces: Vec<&[u8]> = vec![b"HTTP/1.1 100 Continue\r\n\r\n"; 50];
+            pieces.push(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal");
+            reply_in_pieces(&pieces)
+        }
+        _ => reply(OK),
+    })
+    .await;
+    let proxy = start_proxy(upstream.addr, "10s").await;
+    for got in [
+        get(&proxy.client(), "/interim").await,
+        h2_send(
+            &mut proxy.client().h2().await,
+            &proxy,
+            Method::GET,
+            "/interim",
+            b"",
+        )
+        .await,
+    ] {
+        assert_proxy_502(&got, upstream.addr, "50 interim responses");
+    }
+    let got = get(&proxy.client(), "/ok").await.complete();
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        upstream.connections(),
+        3,
+        "a connection left mid-response was reused"
+    );
+}
+
 // ------------------------------------------------------------ 5. bad lengths
 
 /// The rest of every bad response stays on the (kept-open) upstream

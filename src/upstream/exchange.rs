@@ -32,7 +32,14 @@ pub(super) enum ExchangeError {
     Head(#[from] codec::HeadError),
     #[error("101 Switching Protocols to a request that asked for no upgrade")]
     UnaskedUpgrade,
+    #[error("more than {MAX_INTERIM_RESPONSES} interim (1xx) responses before the final one")]
+    TooManyInterim,
 }
+
+/// Interim responses (100 Continue, 103 Early Hints) skipped before the
+/// final one: a real upstream sends one or two; an endless stream of them
+/// would hold the request (and its worker's attention) for ever.
+pub(super) const MAX_INTERIM_RESPONSES: usize = 8;
 
 /// One request on one connection: writes the head and streams the body
 /// while reading the response head, so an upstream that answers early (a
@@ -57,6 +64,7 @@ pub(super) struct Exchange<'a> {
     /// Why the request could not be written in full; the response is still
     /// read.
     write_error: Option<io::Error>,
+    interim_responses: usize,
 }
 
 impl<'a> Exchange<'a> {
@@ -82,6 +90,7 @@ impl<'a> Exchange<'a> {
             method,
             spare_headers,
             write_error: None,
+            interim_responses: 0,
         }
     }
 
@@ -222,6 +231,12 @@ impl<'a> Exchange<'a> {
                             && head.status != StatusCode::SWITCHING_PROTOCOLS =>
                     {
                         // 100 Continue, 103 Early Hints: the final answer follows.
+                        self.interim_responses += 1;
+                        if self.interim_responses > MAX_INTERIM_RESPONSES {
+                            return Poll::Ready(Err(SendError::Exchange(
+                                ExchangeError::TooManyInterim,
+                            )));
+                        }
                         continue;
                     }
                     Ok(Some(head)) => return Poll::Ready(Ok(head)),

@@ -115,10 +115,8 @@ impl UpstreamClient {
                 if is_body_too_large(error.as_ref()) {
                     return Err(Rejection::BodyTooLarge);
                 }
-                (
-                    UpstreamErrorKind::Reset,
-                    format!("reading the client's request body: {error}"),
-                )
+                tracing::debug!(%error, "the client stopped sending its request body");
+                return Err(Rejection::ClientAborted);
             }
             SendError::Exchange(error) => (UpstreamErrorKind::Reset, error.to_string()),
         };
