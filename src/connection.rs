@@ -73,6 +73,22 @@ impl ConnInfo {
     }
 }
 
+/// A connection's timers, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub idle: Duration,
+    pub send: Duration,
+}
+
+impl Timeouts {
+    /// How often the connection's one timer must wake at the least: a
+    /// deadline can begin (a head starts, a write stalls) while it sleeps.
+    pub fn shortest(&self) -> Duration {
+        self.header.min(self.idle).min(self.send)
+    }
+}
+
 /// Which timer ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiry {
@@ -80,6 +96,9 @@ pub enum Expiry {
     HeaderTimeout,
     /// No request for `idle_timeout`: the connection is closed gracefully.
     Idle,
+    /// A write to the client made no progress for `send_timeout`: the
+    /// client stopped reading, and is cut off with whatever it holds.
+    SendTimeout,
 }
 
 /// Times are milliseconds since the connection opened; 0 in `head_started`
@@ -90,6 +109,9 @@ pub struct Activity {
     served: AtomicU64,
     idle_since: AtomicU64,
     head_started: AtomicU64,
+    /// Since when a write to the client has been waiting for the socket to
+    /// take bytes (offset by one; 0: no write waiting).
+    write_stalled_since: AtomicU64,
     /// HTTP/2 frames (pings, settings) are not request heads.
     tracks_heads: bool,
 }
@@ -102,6 +124,7 @@ impl Activity {
             served: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
+            write_stalled_since: AtomicU64::new(0),
             tracks_heads,
         })
     }
@@ -126,13 +149,38 @@ impl Activity {
         }
     }
 
+    /// A write the socket did not take (the client is not reading).
+    fn on_write_pending(&self) {
+        if self.write_stalled_since.load(Ordering::Relaxed) == 0 {
+            self.write_stalled_since
+                .store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write the socket took: whatever was stalled moves again.
+    fn on_write_progress(&self) {
+        if self.write_stalled_since.load(Ordering::Relaxed) != 0 {
+            self.write_stalled_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// When a stalled write to the client runs out of `send_timeout`, if
+    /// one is stalled.
+    pub fn send_deadline(&self, send_timeout: Duration) -> Option<Instant> {
+        match self.write_stalled_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(self.opened + Duration::from_millis(since - 1) + send_timeout),
+        }
+    }
+
     /// When the connection's current timer runs out, and which one it is.
-    /// With a request in flight there is none; the caller looks again later.
-    pub fn deadline(
-        &self,
-        header_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> (Instant, Option<Expiry>) {
+    /// With a request in flight only a stalled write has one; the caller
+    /// looks again later.
+    pub fn deadline(&self, timeouts: &Timeouts) -> (Instant, Option<Expiry>) {
+        if let Some(at) = self.send_deadline(timeouts.send) {
+            return (at, Some(Expiry::SendTimeout));
+        }
+        let (header_timeout, idle_timeout) = (timeouts.header, timeouts.idle);
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return (Instant::now() + idle_timeout, None);
         }
@@ -218,6 +266,13 @@ impl<IO> ActivityIo<IO> {
         self._slot = Some(slot);
         self
     }
+
+    fn note_write(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.activity.on_write_pending(),
+            Poll::Ready(_) => self.activity.on_write_progress(),
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for ActivityIo<IO> {
@@ -241,7 +296,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ActivityIo<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -249,7 +306,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ActivityIo<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -257,7 +316,12 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ActivityIo<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        match polled {
+            Poll::Pending => self.activity.on_write_pending(),
+            Poll::Ready(_) => self.activity.on_write_progress(),
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

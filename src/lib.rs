@@ -24,4 +24,5 @@ pub mod sniffer;
 pub mod socket;
 pub mod telemetry;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

@@ -44,7 +44,7 @@ use crate::routes::RouteRuntime;
 use crate::runtime::Runtime;
 use crate::sniffer::Anomaly;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{UpstreamRequest, UpstreamUpgrade};
+use crate::upstream::UpstreamRequest;
 
 /// What one request has gathered on its way; the typed per-request context.
 struct RequestContext<'rt> {
@@ -242,7 +242,16 @@ async fn judge_and_forward(
         && let Some(on_client_upgrade) = on_client_upgrade
     {
         if let Some(upstream) = response.body_mut().take_upgrade() {
-            tunnel(on_client_upgrade, upstream);
+            let server = &runtime.config.server;
+            crate::tunnel::spawn(
+                on_client_upgrade,
+                upstream,
+                ctx.conn.activity.clone(),
+                crate::tunnel::TunnelTimeouts {
+                    idle: server.websocket_idle_timeout,
+                    send: server.send_timeout,
+                },
+            );
         }
         let (parts, _) = response.into_parts();
         return Ok(Response::from_parts(parts, ResponseBody::empty()));
@@ -394,33 +403,6 @@ fn build_upstream_request(
         fields,
         upgrade,
     })
-}
-
-/// Joins the client's and the upstream's upgraded connections (WebSocket).
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: UpstreamUpgrade) {
-    tokio::spawn(async move {
-        let client = match client.await {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::debug!(%error, "upgrade failed");
-                return;
-            }
-        };
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let UpstreamUpgrade {
-            tcp: mut upstream,
-            early_data,
-        } = upstream;
-        if !early_data.is_empty()
-            && let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut client, &early_data).await
-        {
-            tracing::debug!(%error, "tunnel closed");
-            return;
-        }
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(%error, "tunnel closed");
-        }
-    });
 }
 
 /// Turns a rejection into the response, and records it (security event, metric).

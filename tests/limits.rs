@@ -813,3 +813,59 @@ async fn max_connections_below_the_worker_count_still_serves_every_client() {
     }
     assert_eq!(upstream.count(), 12);
 }
+
+/// `send_timeout`: a client that stops reading a large response is cut off
+/// once no write to it has made progress for that long, and the upstream
+/// connection feeding it is released (closed), not held for ever.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_the_upstream_released() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (released_tx, released) = tokio::sync::oneshot::channel::<Duration>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed before sending a request");
+            head.extend_from_slice(&buf[..n]);
+        }
+        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = Instant::now();
+        // Bounded: the proxy must release the connection long before 1 TB.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), tcp.write_all(&chunk)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => break,
+                Err(_) => panic!("the upstream write stalled for 30 s: the proxy holds it"),
+            }
+        }
+        let _ = released_tx.send(started.elapsed());
+    });
+    let config = ProxyConfig {
+        server: "send_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream, config).await;
+    let mut tls = proxy.client().connect(&[b"http/1.1"]).await;
+    tls.write_all(b"GET /huge HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Read nothing: the proxy's writes stall once the buffers are full.
+    let held_for = tokio::time::timeout(Duration::from_secs(30), released)
+        .await
+        .expect("the upstream connection was never released")
+        .expect("the upstream task ended without a verdict");
+    assert!(held_for < Duration::from_secs(30));
+    // The client's connection was closed too: reading it ends.
+    let (text, closed) = read_until_closed(&mut tls, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "the client connection stayed open ({} bytes read)",
+        text.len()
+    );
+}

@@ -239,3 +239,58 @@ async fn an_open_websocket_counts_as_a_connection() {
     }
     assert_eq!(last, 0, "the closed WebSocket is still counted");
 }
+
+/// `websocket_idle_timeout`: a tunnel with no bytes either way is closed;
+/// one that keeps talking is not.
+#[tokio::test]
+async fn a_quiet_tunnel_is_closed_after_websocket_idle_timeout() {
+    let upstream = mock_upstream().await;
+    let config = ProxyConfig {
+        server: "websocket_idle_timeout = \"1s\"".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream, config).await;
+    let url = format!("wss://localhost:{}/ws", proxy.https.port());
+
+    // Talking every 300 ms (a deliberately paced client) for 2.4 s: open throughout.
+    let tls = proxy.client().connect(&[b"http/1.1"]).await;
+    let (mut chatty, _) = tokio_tungstenite::client_async(url.clone(), tls)
+        .await
+        .expect("handshake");
+    let mut pace = tokio::time::interval(Duration::from_millis(300));
+    for i in 0..8 {
+        pace.tick().await;
+        chatty
+            .send(Message::text(format!("ping {i}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_message(&mut chatty).await,
+            Message::text(format!("ping {i}"))
+        );
+    }
+
+    // Quiet after one exchange: closed by the proxy, well before 10 s.
+    let tls = proxy.client().connect(&[b"http/1.1"]).await;
+    let (mut quiet, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("handshake");
+    quiet.send(Message::text("once")).await.unwrap();
+    assert_eq!(next_message(&mut quiet).await, Message::text("once"));
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match quiet.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(other)) => panic!("unexpected message {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the quiet tunnel was still open after 10 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+}

@@ -49,6 +49,10 @@ pub struct ServerSection {
     pub idle_timeout: DurationValue,
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: DurationValue,
+    #[serde(default = "defaults::send_timeout")]
+    pub send_timeout: DurationValue,
+    #[serde(default = "defaults::websocket_idle_timeout")]
+    pub websocket_idle_timeout: DurationValue,
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: SizeValue,
     #[serde(default = "defaults::max_body_bytes")]
@@ -272,6 +276,12 @@ mod defaults {
     }
     pub fn idle_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(60))
+    }
+    pub fn send_timeout() -> DurationValue {
+        DurationValue(Duration::from_secs(60))
+    }
+    pub fn websocket_idle_timeout() -> DurationValue {
+        DurationValue(Duration::from_secs(3600))
     }
     pub fn shutdown_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(30))

@@ -56,6 +56,11 @@ pub struct Server {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// A response write (or a tunnel's) that makes no progress this long
+    /// closes the connection and releases the upstream side.
+    pub send_timeout: Duration,
+    /// A WebSocket tunnel with no bytes either way this long is closed.
+    pub websocket_idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     /// Routes match ASCII case-insensitively (for upstreams that route so);

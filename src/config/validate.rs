@@ -137,6 +137,8 @@ fn server(s: &file::ServerSection) -> Result<Server> {
     for (key, value) in [
         ("server.header_read_timeout", s.header_read_timeout),
         ("server.idle_timeout", s.idle_timeout),
+        ("server.send_timeout", s.send_timeout),
+        ("server.websocket_idle_timeout", s.websocket_idle_timeout),
     ] {
         if value.0.is_zero() {
             return Err(invalid(key, "must be longer than 0s"));
@@ -161,6 +163,8 @@ fn server(s: &file::ServerSection) -> Result<Server> {
         header_read_timeout: s.header_read_timeout.0,
         idle_timeout: s.idle_timeout.0,
         shutdown_timeout: s.shutdown_timeout.0,
+        send_timeout: s.send_timeout.0,
+        websocket_idle_timeout: s.websocket_idle_timeout.0,
         max_header_bytes,
         max_body_bytes: s.max_body_bytes.0,
         case_insensitive_routes: s.case_insensitive_routes,

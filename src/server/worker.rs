@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry};
+use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry, Timeouts};
 use crate::runtime::{Runtime, Shared};
 use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
@@ -131,6 +131,7 @@ async fn serve_https(
     let runtime = shared.runtime.load_full();
     let header_timeout = runtime.config.server.header_read_timeout;
     let idle_timeout = runtime.config.server.idle_timeout;
+    let send_timeout = runtime.config.server.send_timeout;
 
     // TLS handshake, bounded by the header timeout (a client that connects
     // and never starts one must not hold a connection slot). Boxed, so that
@@ -183,6 +184,7 @@ async fn serve_https(
     let timeouts = Timeouts {
         header: header_timeout,
         idle: idle_timeout,
+        send: send_timeout,
     };
     // Boxed per request: hyper keeps the service's future inline in every
     // HTTP/1 connection (idle ones too) and moves it several times on its
@@ -228,12 +230,6 @@ fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(Box::write(slot, make()))
 }
 
-#[derive(Clone, Copy)]
-struct Timeouts {
-    header: Duration,
-    idle: Duration,
-}
-
 /// Runs a connection to its end: its own header-read and idle deadlines,
 /// and a graceful close when the proxy shuts down. The connection comes
 /// boxed and pinned: an async fn keeps its arguments for its whole life, so
@@ -250,7 +246,7 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     // never sleeps longer than `wake_at_least_every`, so a head that starts
     // while it is armed for a later idle deadline is seen at the next wake,
     // which then sleeps exactly until that head's own deadline.
-    let wake_at_least_every = timeouts.header.min(timeouts.idle);
+    let wake_at_least_every = timeouts.shortest();
     let timer = tokio::time::sleep(wake_at_least_every);
     tokio::pin!(timer);
     let shutdown = shared.shutdown.cancelled();
@@ -266,7 +262,7 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
             }
             () = timer.as_mut() => {
                 let now = tokio::time::Instant::now();
-                let (deadline, expiry) = activity.deadline(timeouts.header, timeouts.idle);
+                let (deadline, expiry) = activity.deadline(&timeouts);
                 if deadline <= now {
                     match expiry {
                         Some(Expiry::HeaderTimeout) => {
@@ -279,6 +275,12 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                         }
                         // Closing for a whole timer period and still not done: stop waiting.
                         Some(Expiry::Idle) => return,
+                        Some(Expiry::SendTimeout) => {
+                            // Dropping the connection drops the response
+                            // body, and with it the upstream connection.
+                            tracing::info!(%peer, "send_timeout: the client stopped reading; connection closed");
+                            return;
+                        }
                         None => {}
                     }
                 }
