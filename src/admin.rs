@@ -16,21 +16,17 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::runtime::Shared;
+use crate::server::plain_listener;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shared.shutdown.cancelled() => return,
-        };
+    let max_connections = shared.runtime.load().config.server.max_connections;
+    let permits = plain_listener::permits(plain_listener::ADMIN_MAX_CONNECTIONS, max_connections);
+    while let Some((tcp, _, permit)) =
+        plain_listener::accept(&listener, &permits, &shared.shutdown, "admin").await
+    {
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request| {
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&request, &shared).await) }

@@ -209,3 +209,42 @@ async fn two_host_headers_are_400_not_a_redirect_to_either() {
         assert!(response.header("location").is_none(), "{response:?}");
     }
 }
+
+/// The redirect listener has its own connection cap (never more than
+/// `max_connections`): a flood of idle connections on it leaves the HTTPS
+/// listener serving, and a client past the cap is served once a slot frees.
+#[tokio::test]
+async fn a_flood_on_the_redirect_listener_is_capped_and_leaves_https_serving() {
+    use tokio::io::AsyncReadExt;
+    let upstream = Upstream::start().await;
+    let proxy = proxy_with(
+        &upstream,
+        "max_connections = 4\nheader_read_timeout = \"30s\"",
+    )
+    .await;
+    let http = proxy.http.unwrap();
+    // Four idle connections hold the listener's four slots.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(http).await.unwrap());
+    }
+    // A fifth client waits in the backlog with its request sent...
+    let mut waiting = TcpStream::connect(http).await.unwrap();
+    waiting
+        .write_all(b"GET /late HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut first)).await;
+    assert!(early.is_err(), "served past the cap: {early:?}");
+    // ...while HTTPS serves as ever.
+    assert_eq!(proxy.client().get("/https").await.status, 200);
+    // A slot frees: the waiting client gets its redirect.
+    drop(idle.pop());
+    let (text, closed) = common::read_until_closed(&mut waiting, Duration::from_secs(10)).await;
+    assert!(closed, "{text:?}");
+    let responses = common::parse_responses(&text);
+    assert_eq!(responses.len(), 1, "{text:?}");
+    let location = format!("https://example.test:{}/late", proxy.https.port());
+    assert_redirect(&responses[0], &location);
+}

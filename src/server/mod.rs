@@ -19,6 +19,7 @@
 //! * `redirect_listener.rs`: the plain-HTTP listener that redirects to HTTPS.
 
 mod control;
+pub mod plain_listener;
 mod redirect_listener;
 mod worker;
 

@@ -4,30 +4,26 @@
 //! shutdown.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use super::plain_listener;
+
 use crate::runtime::Shared;
 
 /// The HTTP listener: every request gets a 308 to the same URL on HTTPS.
 pub(super) async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, https_port: u16) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed on the HTTP listener");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shared.shutdown.cancelled() => return,
-        };
+    let max_connections = shared.runtime.load().config.server.max_connections;
+    let permits =
+        plain_listener::permits(plain_listener::REDIRECT_MAX_CONNECTIONS, max_connections);
+    while let Some((tcp, peer, permit)) =
+        plain_listener::accept(&listener, &permits, &shared.shutdown, "http").await
+    {
         let shared = shared.clone();
         shared.clone().connections.spawn(async move {
+            let _permit = permit;
             let runtime = shared.runtime.load_full();
             let port = Some(
                 runtime
