@@ -1,12 +1,23 @@
 //! The per-route key store: one GCRA state per client key, in memory, capped.
 //!
 //! Keys are client-controlled (any address, any header value), so the number of
-//! tracked keys is capped per route ([`RouteLimiter::DEFAULT_MAX_KEYS`]). Beyond the
-//! cap, new keys share one overflow bucket (keys already tracked keep their own), and
-//! a `security` warning with `reason = "rate_limit_keys_overflow"` is logged — at most
-//! once per [`RouteLimiter::sweep`] period, never per request. `sweep`, which the
-//! server runs every ~10 s, drops keys whose state is indistinguishable from a fresh
-//! one (governor's `retain_recent`) and gives memory back (`shrink_to_fit`).
+//! tracked keys is capped per route ([`RouteLimiter::DEFAULT_MAX_KEYS`]). When a
+//! new key finds the table full, the store makes room instead of pooling new keys
+//! together: it evicts the eighth of its keys with the earliest theoretical
+//! arrival times. A key whose bucket has fully refilled has an arrival time in
+//! the past and is equivalent to an absent one, so those go first; after them,
+//! the keys that owe the least, whose eviction hands their client a bucket
+//! barely fuller than its own. An attacker spraying random `X-Api-Key` values
+//! therefore never shares a bucket with a legitimate client; the worst an
+//! eviction does is forget a light user's last request. One pass over the
+//! table buys room for an eighth of it, so the cost per new key stays a few
+//! hundred nanoseconds. Keys that arrive while another thread is making room
+//! are measured against one shared overflow bucket for that moment; such
+//! moments are logged as a `security` warning with
+//! `reason = "rate_limit_keys_overflow"`, at most once per
+//! [`RouteLimiter::sweep`] period. `sweep`, which the server runs every ~10 s,
+//! drops keys whose state is indistinguishable from a fresh one (governor's
+//! `retain_recent`) and gives memory back (`shrink_to_fit`).
 //!
 //! The boundary is governor's own: [`CappedKeyStore`] implements `StateStore` and
 //! `ShrinkableKeyedStateStore`, and [`OverflowLog`] is all the limiter shares with
@@ -20,13 +31,18 @@
 //! [`RouteLimiter::check`]: super::RouteLimiter::check
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use governor::nanos::Nanos;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 
 use super::key::LimitKey;
+
+/// How long a new key waits for another thread's eviction pass before it is
+/// measured against the shared bucket instead (a pass over 100,000 keys
+/// takes a few milliseconds).
+const MAX_YIELDS_WHILE_EVICTING: usize = 10_000;
 
 const OVERFLOW_ARMED: u8 = 0;
 const OVERFLOW_PENDING: u8 = 1;
@@ -38,12 +54,23 @@ const OVERFLOW_REPORTED: u8 = 2;
 pub(super) struct OverflowLog {
     state: AtomicU8,
     requests: AtomicU64,
+    evicted: AtomicU64,
 }
 
 impl OverflowLog {
     /// The store's side: one request measured against the shared bucket.
     fn note_overflow(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.arm_report();
+    }
+
+    /// The store's side: keys evicted to make room.
+    fn note_evicted(&self, keys: u64) {
+        self.evicted.fetch_add(keys, Ordering::Relaxed);
+        self.arm_report();
+    }
+
+    fn arm_report(&self) {
         if self.state.load(Ordering::Relaxed) == OVERFLOW_ARMED {
             let _ = self.state.compare_exchange(
                 OVERFLOW_ARMED,
@@ -86,6 +113,11 @@ impl OverflowLog {
     pub(super) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+
+    /// Keys evicted to make room so far.
+    pub(super) fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
 }
 
 /// governor's DashMap store with a cap: past `max_keys` entries, unknown keys are
@@ -98,6 +130,8 @@ pub(super) struct CappedKeyStore {
     reserved: AtomicUsize,
     max_keys: usize,
     overflow: Arc<OverflowLog>,
+    /// One thread makes room at a time.
+    evicting: AtomicBool,
 }
 
 impl CappedKeyStore {
@@ -109,7 +143,59 @@ impl CappedKeyStore {
             reserved: AtomicUsize::new(0),
             max_keys,
             overflow,
+            evicting: AtomicBool::new(false),
         }
+    }
+
+    /// A place for a new key in a full table: made here, or by the thread
+    /// already making room (waited for briefly: one pass over the table).
+    fn make_room_and_reserve(&self) -> bool {
+        if self.make_room() {
+            return self.reserve_place();
+        }
+        for _ in 0..MAX_YIELDS_WHILE_EVICTING {
+            if !self.evicting.load(Ordering::Acquire) {
+                return self.reserve_place();
+            }
+            std::thread::yield_now();
+        }
+        false
+    }
+
+    /// Evicts the eighth of the keys with the earliest theoretical arrival
+    /// times (see the module documentation). False when another thread is
+    /// already at it.
+    fn make_room(&self) -> bool {
+        if self
+            .evicting
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let mut arrivals: Vec<u64> = self
+            .map
+            .iter()
+            .map(|entry| theoretical_arrival(entry.value()).map_or(0, |t| t.as_u64()))
+            .collect();
+        let evict = (arrivals.len() / 8).max(1);
+        let removed = if arrivals.is_empty() {
+            0
+        } else {
+            let (_, &mut threshold, _) = arrivals.select_nth_unstable(evict - 1);
+            let mut removed = 0;
+            self.map.retain(|_, state| {
+                let arrival = theoretical_arrival(state).map_or(0, |t| t.as_u64());
+                let keep = removed >= evict || arrival > threshold;
+                removed += usize::from(!keep);
+                keep
+            });
+            removed
+        };
+        self.reserved.fetch_sub(removed, Ordering::AcqRel);
+        self.overflow.note_evicted(removed as u64);
+        self.evicting.store(false, Ordering::Release);
+        true
     }
 
     /// Reserves room for one new key, or says the map is full.
@@ -144,7 +230,7 @@ impl StateStore for CappedKeyStore {
         if let Some(state) = self.map.get(key) {
             return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
-        if !self.reserve_place() {
+        if !self.reserve_place() && !self.make_room_and_reserve() {
             return self.measure_shared(f);
         }
         let mut inserted = false;
@@ -210,38 +296,58 @@ mod tests {
     // ---- bounded memory ------------------------------------------------------
 
     #[test]
-    fn overflow_bucket_is_shared_beyond_the_cap_and_sweep_frees_it() {
-        let (limiter, clock) = fake_capped("1/m", 1, 2);
-        let (a, b, c, d) = (
-            ip("192.0.2.1"),
-            ip("192.0.2.2"),
-            ip("192.0.2.3"),
-            ip("192.0.2.4"),
-        );
-        assert!(limiter.check(&a).is_ok());
-        assert!(limiter.check(&b).is_ok());
-        assert_eq!(limiter.tracked_keys(), 2);
+    fn a_full_table_evicts_refilled_keys_first_and_never_pools_new_ones() {
+        // A cap of 8: an eighth is one key per eviction.
+        let (limiter, clock) = fake_capped("1/m", 1, 8);
+        let keys: Vec<LimitKey> = (1..=9).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+        // Key 0 is seen first and refills after a minute; the others later.
+        assert!(limiter.check(&keys[0]).is_ok());
+        clock.advance(Duration::from_secs(61));
+        for key in &keys[1..8] {
+            assert!(limiter.check(key).is_ok());
+        }
+        assert_eq!(limiter.tracked_keys(), 8);
+        // A ninth key gets a bucket of its own, and key 0 (refilled) makes room.
+        assert!(limiter.check(&keys[8]).is_ok(), "a new key is never pooled");
         assert!(
-            limiter.check(&c).is_ok(),
-            "first overflow key gets the shared bucket"
+            limiter.check(&keys[8]).is_err(),
+            "and its own bucket counts its requests"
         );
-        assert!(limiter.check(&d).is_err(), "and a second one shares it");
-        assert_eq!(limiter.tracked_keys(), 2);
-        assert_eq!(limiter.overflowed_requests(), 2);
-        assert!(
-            limiter.check(&a).is_err(),
-            "tracked keys keep their own state"
-        );
+        assert_eq!(limiter.tracked_keys(), 8);
+        assert_eq!(limiter.evicted_keys(), 1);
+        assert_eq!(limiter.overflowed_requests(), 0);
+        for key in &keys[1..8] {
+            assert!(limiter.check(key).is_err(), "a key in debt keeps its state");
+        }
+        // Key 0 was equivalent to absent: it starts afresh, as it would have.
+        assert!(limiter.check(&keys[0]).is_ok());
+    }
 
-        clock.advance(Duration::from_secs(120));
-        limiter.sweep();
-        assert_eq!(limiter.tracked_keys(), 0);
-        assert!(limiter.check(&c).is_ok());
+    #[test]
+    fn with_nothing_refilled_the_least_indebted_keys_go() {
+        let (limiter, clock) = fake_capped("1/m", 5, 8);
+        let heavy = ip("198.51.100.1");
+        for _ in 0..5 {
+            assert!(limiter.check(&heavy).is_ok());
+        }
         assert!(
-            limiter.check(&d).is_ok(),
-            "after the sweep, new keys are tracked again"
+            limiter.check(&heavy).is_err(),
+            "the heavy client is limited"
         );
-        assert_eq!(limiter.tracked_keys(), 2);
+        // Seven light clients, then a stream of new keys (an attacker's).
+        for i in 1..=7 {
+            assert!(limiter.check(&ip(&format!("192.0.2.{i}"))).is_ok());
+        }
+        for i in 0..100 {
+            clock.advance(Duration::from_millis(10));
+            assert!(limiter.check(&ip(&format!("203.0.113.{i}"))).is_ok());
+        }
+        assert!(limiter.tracked_keys() <= 8);
+        assert!(
+            limiter.check(&heavy).is_err(),
+            "a flood of new keys does not free the heaviest user"
+        );
+        assert_eq!(limiter.overflowed_requests(), 0);
     }
 
     #[test]
@@ -272,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn overflow_is_logged_once_per_sweep_period() {
+    fn a_full_table_is_logged_once_per_sweep_period() {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -294,7 +400,8 @@ mod tests {
         assert_eq!(log.matches("rate_limit_keys_overflow").count(), 2, "{log}");
         assert!(log.contains("/api/admin"), "{log}");
         assert!(log.contains("security"), "{log}");
-        assert_eq!(limiter.overflowed_requests(), 99);
+        assert_eq!(limiter.evicted_keys(), 99);
+        assert_eq!(limiter.overflowed_requests(), 0);
     }
 
     #[test]
@@ -315,8 +422,11 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(limiter.tracked_keys(), 100);
-        assert_eq!(limiter.overflowed_requests(), 40_000 - 100);
+        assert!(limiter.tracked_keys() <= 100);
+        // A new key meets the shared bucket only while another thread is
+        // making room; the rest got buckets of their own.
+        assert!(limiter.evicted_keys() > 0);
+        assert!(limiter.overflowed_requests() < 40_000 / 2);
     }
 
     /// A `/proc/self/status` figure in KiB: `VmRSS` (resident now) or `VmHWM` (peak).
@@ -343,7 +453,7 @@ mod tests {
             // 1 µs apart: the flood arrives at a million requests a second...
             clock.advance(Duration::from_micros(1));
             let key = LimitKey::Header(format!("{i:064}").into_bytes().into_boxed_slice());
-            assert!(limiter.check(&key).is_ok() || limiter.overflowed_requests() > 0);
+            assert!(limiter.check(&key).is_ok(), "a new key has a full bucket");
             if i % 1000 == 0 {
                 peak = peak.max(limiter.tracked_keys());
                 assert!(limiter.tracked_keys() <= CAP);
@@ -355,20 +465,20 @@ mod tests {
         }
         let after = vm_rss_kib();
         let tracked = limiter.tracked_keys();
-        let overflowed = limiter.overflowed_requests();
+        let evicted = limiter.evicted_keys();
         clock.advance(Duration::from_secs(10));
         limiter.sweep();
         let swept = vm_rss_kib();
         println!(
             "1M distinct keys, cap {CAP}: peak tracked {peak}, tracked at end {tracked}, \
-             overflow requests {overflowed}, tracked after idle sweep {}; \
+             evicted {evicted}, tracked after idle sweep {}; \
              VmRSS before {before:?} KiB, after flood {after:?} KiB, after idle sweep {swept:?} KiB \
              (process peak VmHWM {:?} KiB, other tests included)",
             limiter.tracked_keys(),
             proc_status_kib("VmHWM:"),
         );
         assert!(peak <= CAP && tracked <= CAP);
-        assert!(overflowed > 0, "the cap was reached");
+        assert!(evicted > 0, "the cap was reached");
         assert_eq!(limiter.tracked_keys(), 0);
         if let (Some(before), Some(after)) = (before, after) {
             let growth_mib = after.saturating_sub(before) / 1024;
