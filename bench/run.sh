@@ -8,12 +8,14 @@
 #   DURATION=10s            length of each wrk / h2load run
 #   ROUNDS=3                rounds; servers alternate inside a round, medians are reported
 #   SERVERS="nginx haproxy h2o portcullis direct"
-#   SCENARIOS="ka h2 hs mem jwt"
+#   SCENARIOS="ka h2 hs mem jwt checks"
 #                           ka  keep-alive HTTPS/1.1 (wrk -t2 -c64 --latency)
 #                           h2  HTTP/2 (h2load -c32 -m10 -t2)
 #                           hs  full TLS handshakes, no resumption (bench/handshake.py)
 #                           mem KiB per idle TLS keep-alive connection (bench/idleconns.py)
 #                           jwt portcullis only: jwt = true + rate_limit route vs a plain route
+#                           checks portcullis only: csrf = true and json_schema routes vs a plain
+#                               route, POSTs of the same bodies (bench/wrk_post.lua, bench/checks.py)
 #   PORTCULLIS_BIN=path     use this binary instead of `cargo build --release`
 #   HANDSHAKES=2000         new connections in the hs scenario
 #   HS_TLS=1.3              TLS version of the hs scenario: 1.3, 1.2 or any
@@ -33,7 +35,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-3}"
 SERVERS="${SERVERS:-nginx haproxy h2o portcullis direct}"
-SCENARIOS="${SCENARIOS:-ka h2 hs mem jwt}"
+SCENARIOS="${SCENARIOS:-ka h2 hs mem jwt checks}"
 HANDSHAKES="${HANDSHAKES:-2000}"
 HS_TLS="${HS_TLS:-1.3}"
 HS_CONCURRENCY="${HS_CONCURRENCY:-4}"
@@ -63,7 +65,7 @@ for s in $SERVERS; do
     case "$s" in nginx | haproxy | h2o | portcullis | direct) ;; *) die "unknown server '$s' in SERVERS" ;; esac
 done
 for s in $SCENARIOS; do
-    case "$s" in ka | h2 | hs | mem | jwt) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
+    case "$s" in ka | h2 | hs | mem | jwt | checks) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
 done
 
 # seconds in DURATION (wrk and h2load both take 10s / 2m / 10)
@@ -273,6 +275,17 @@ EOF
 
 # The one upstream: answers "ok"; stub_status on its own port so every
 # proxy's upstream connections and requests can be counted.
+# POSTs of the checks scenario (/plain, /csrf, /schema) are answered only
+# once the whole body has been read, as an application that uses the body
+# does: `return` answers at once and discards the body as it arrives, and a
+# proxy that streams the upload then sees an answer to an unfinished request
+# (portcullis does not reuse such an upstream connection, and wrk then saw
+# socket errors on its client connections: the baseline measured reconnects). So
+# mirror_request_body reads the body (in memory) first, the static handler
+# refuses a POST to an existing file (405) and error_page turns that into
+# the same 200 "ok". GETs there (the jwt scenario's /plain) still get `return`.
+mkdir -p "$T/upstream/www"
+for f in plain csrf schema; do echo ok >"$T/upstream/www/$f"; done
 cat >"$T/upstream/nginx.conf" <<EOF
 user root;
 daemon off;
@@ -292,6 +305,16 @@ $(common_nginx_paths "$T/upstream")
         listen $HOST:$UPSTREAM_PORT;
         location = /xff { return 200 "\$http_x_forwarded_for"; }
         location / { return 200 "ok"; }
+        location ~ ^/(plain|csrf|schema)\$ {
+            if (\$request_method != POST) { return 200 "ok"; }
+            client_body_buffer_size 128k;
+            mirror /_mirror;
+            mirror_request_body on;
+            root $T/upstream/www;
+            error_page 405 =200 @ok;
+        }
+        location = /_mirror { internal; return 204; }
+        location @ok { return 200 "ok"; }
     }
     server {
         listen $HOST:$STATUS_PORT;
@@ -432,6 +455,51 @@ jwt = true
 rate_limit = { rate = "100000000/s", burst = 100000000, key = "sub" }
 EOF
 
+# checks scenario: a CSRF route and a JSON-schema route beside /plain (only
+# when the scenario runs, so an older binary without these keys still runs
+# the others). The schema: an order, items of {sku, qty} and a note.
+CHECKS_DIR="$T/checks"
+if has portcullis "$SERVERS" && has checks "$SCENARIOS"; then
+    cat >"$T/bench-schema.json" <<'EOF'
+{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["items"],
+  "additionalProperties": false,
+  "properties": {
+    "items": {
+      "type": "array",
+      "minItems": 1,
+      "items": {
+        "type": "object",
+        "required": ["sku", "qty"],
+        "additionalProperties": false,
+        "properties": {
+          "sku": { "type": "string", "pattern": "^[A-Z]{3}-[0-9]+$" },
+          "qty": { "type": "integer", "minimum": 1 }
+        }
+      }
+    },
+    "note": { "type": "string" }
+  }
+}
+EOF
+    cat >>"$T/portcullis/proxy.toml" <<EOF
+
+[[routes]]
+path = "/csrf"
+csrf = true
+
+[[routes]]
+path = "/schema"
+json_schema = "$T/bench-schema.json"
+max_body_bytes = "1MiB"
+EOF
+    # valid 1 KiB and 64 KiB orders, a tiny form body, an invalid order
+    bodies_info="$("$PYTHON" "$HERE/checks.py" bodies "$CHECKS_DIR")" || die "checks.py could not write the request bodies"
+    log "checks scenario bodies: $bodies_info"
+fi
+
 log "checking configurations"
 nginx -t -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" 2>"$T/logs/check-upstream.txt" ||
     { cat "$T/logs/check-upstream.txt" >&2; die "upstream nginx config"; }
@@ -553,6 +621,45 @@ smoke_check() {
         else
             check portcullis "PROBLEM: /jwt answered $a with the token and $b without"
         fi
+        has checks "$SCENARIOS" && checks_smoke_check "$url"
+    fi
+    return 0
+}
+
+# post_code URL FILE CONTENT-TYPE [curl args...]: the status of one HTTP/1.1 POST of FILE
+post_code() {
+    local url="$1" file="$2" ctype="$3"
+    shift 3
+    curl -sk --http1.1 -o /dev/null -w '%{http_code}' -X POST -H "Content-Type: $ctype" \
+        --data-binary "@$file" "$@" "$url" || true
+}
+
+SAME_ORIGIN=(-H "Sec-Fetch-Site: same-origin" -H "Origin: https://localhost:$PROXY_PORT")
+CROSS_SITE=(-H "Sec-Fetch-Site: cross-site" -H "Origin: https://evil.example")
+FORM=application/x-www-form-urlencoded
+
+checks_smoke_check() { # the checks refuse what they must, and every request wrk sends gets 200
+    local url="$1" d="$CHECKS_DIR" problems=() c
+    c="$(post_code "$url/csrf" "$d/body-small.txt" "$FORM" "${CROSS_SITE[@]}")"
+    [[ "$c" == 403 ]] || problems+=("/csrf cross-site POST (Origin: https://evil.example) answered $c, not 403")
+    c="$(post_code "$url/csrf" "$d/body-small.txt" "$FORM" "${SAME_ORIGIN[@]}")"
+    [[ "$c" == 200 ]] || problems+=("/csrf same-origin POST answered $c, not 200")
+    c="$(post_code "$url/schema" "$d/body-invalid.json" application/json)"
+    [[ "$c" == 400 ]] || problems+=("/schema invalid body answered $c, not 400")
+    c="$(post_code "$url/schema" "$d/body-1k.json" application/json)"
+    [[ "$c" == 200 ]] || problems+=("/schema valid 1 KiB body answered $c, not 200")
+    c="$(post_code "$url/schema" "$d/body-64k.json" application/json)"
+    [[ "$c" == 200 ]] || problems+=("/schema valid 64 KiB body answered $c, not 200")
+    c="$(post_code "$url/plain" "$d/body-small.txt" "$FORM" "${SAME_ORIGIN[@]}")"
+    [[ "$c" == 200 ]] || problems+=("/plain small POST answered $c, not 200")
+    c="$(post_code "$url/plain" "$d/body-1k.json" application/json)"
+    [[ "$c" == 200 ]] || problems+=("/plain 1 KiB POST answered $c, not 200")
+    c="$(post_code "$url/plain" "$d/body-64k.json" application/json)"
+    [[ "$c" == 200 ]] || problems+=("/plain 64 KiB POST answered $c, not 200")
+    if [[ ${#problems[@]} -eq 0 ]]; then
+        check portcullis "ok: /csrf answers 403 cross-site and 200 same-origin; /schema answers 400 to an invalid body and 200 to the valid 1 KiB and 64 KiB bodies; /plain answers 200 to the three POSTs"
+    else
+        check portcullis "PROBLEM: $(IFS='; '; echo "${problems[*]}")"
     fi
 }
 
@@ -596,6 +703,7 @@ run_server_round() { # run_server_round ROUND SERVER
     local need=0 s
     for s in ka h2 hs; do has $s "$SCENARIOS" && need=1; done
     [[ "$name" == portcullis ]] && has jwt "$SCENARIOS" && need=1
+    [[ "$name" == portcullis ]] && has checks "$SCENARIOS" && need=1
     [[ $need == 1 ]] || return 0
     start_server "$name"
     [[ "$round" == 1 ]] && smoke_check "$name"
@@ -622,6 +730,37 @@ run_server_round() { # run_server_round ROUND SERVER
             measure "$round" portcullis "$sc" wrk "$SERVER_PID" \
                 wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" \
                 -H "Authorization: Bearer $TOKEN" "$url$path"
+        done
+    fi
+    if [[ "$name" == portcullis ]] && has checks "$SCENARIOS"; then
+        # each check route right beside its plain baseline, the same request
+        # to both; the whole order reverses every other round
+        local runs=(plain_post_small csrf plain_post_1k schema_1k plain_post_64k schema_64k) i body ctype hdrs sc path
+        if ((round % 2 == 0)); then
+            local rev=()
+            for ((i = ${#runs[@]} - 1; i >= 0; i--)); do rev+=("${runs[i]}"); done
+            runs=("${rev[@]}")
+        fi
+        for sc in "${runs[@]}"; do
+            hdrs=()
+            case "$sc" in
+                plain_post_small | csrf)
+                    body="$CHECKS_DIR/body-small.txt"
+                    ctype="$FORM"
+                    hdrs=("${SAME_ORIGIN[@]}")
+                    ;;
+                plain_post_1k | schema_1k) body="$CHECKS_DIR/body-1k.json" ctype=application/json ;;
+                plain_post_64k | schema_64k) body="$CHECKS_DIR/body-64k.json" ctype=application/json ;;
+            esac
+            case "$sc" in
+                csrf) path=/csrf ;;
+                schema_*) path=/schema ;;
+                *) path=/plain ;;
+            esac
+            measure "$round" portcullis "$sc" wrk "$SERVER_PID" \
+                env BENCH_BODY_FILE="$body" BENCH_CONTENT_TYPE="$ctype" \
+                wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_post.lua" \
+                ${hdrs[@]+"${hdrs[@]}"} "$url$path"
         done
     fi
     stop_server "$name"
@@ -692,5 +831,8 @@ if [[ -s "$T/logs/portcullis-stderr-all.txt" || -s "$T/logs/portcullis-stdout-al
 fi
 cp "$RAW" "$RESULTS_DIR/latest.raw.jsonl"
 "$PYTHON" "$HERE/benchlib.py" report --raw "$RAW" --meta "$T/meta.json" --servers "$SERVERS" \
+    --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md" >/dev/null
+# adds the checks scenario's table (if it ran) to both files, then prints the Markdown
+"$PYTHON" "$HERE/checks.py" report --raw "$RAW" --bodies "$CHECKS_DIR/bodies.json" \
     --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md"
 log "wrote $RESULTS_DIR/latest.md and $RESULTS_DIR/latest.json"
