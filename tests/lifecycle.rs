@@ -746,3 +746,54 @@ async fn a_client_that_abandons_its_upload_is_counted_as_a_client_abort() {
         "{text}"
     );
 }
+
+/// A reload that raises `max_header_bytes` reaches hyper's own limits too
+/// (its read buffer, HTTP/2's header list) on new connections: a head the
+/// old limit refused is then served over both protocols.
+#[tokio::test]
+async fn a_reloaded_max_header_bytes_applies_to_new_connections() {
+    let upstream = Upstream::start().await;
+    let config = ProxyConfig {
+        server: "max_header_bytes = \"4KiB\"".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(upstream.addr, config).await;
+    let client = proxy.client();
+    let big = "b".repeat(40 * 1024);
+    let answer = client
+        .request(Method::GET, "/big", &[("x-big", &big)], Bytes::new())
+        .await;
+    assert_eq!(answer.status, 431);
+
+    let original = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let raised = original.replace(
+        "max_header_bytes = \"4KiB\"",
+        "max_header_bytes = \"64KiB\"",
+    );
+    assert_ne!(raised, original);
+    std::fs::write(&proxy.config_path, raised).unwrap();
+    proxy.signal("HUP");
+
+    let mut status = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        status = client
+            .request(Method::GET, "/big", &[("x-big", &big)], Bytes::new())
+            .await
+            .status
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "stderr:\n{}", proxy.stderr_text());
+    let mut h2 = client.h2().await;
+    let request = http::Request::builder()
+        .uri(format!("https://localhost:{}/big-h2", proxy.https.port()))
+        .header("x-big", big.as_str())
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let answer = common::collect(h2.send_request(request).await.expect("HTTP/2 answer")).await;
+    assert_eq!(answer.status, 200);
+}

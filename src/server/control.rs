@@ -47,7 +47,11 @@ pub fn reload(shared: &Arc<Shared>, config_path: &std::path::Path) {
         || old.max_connections != new.max_connections
         || old.workers != new.workers
     {
-        tracing::warn!("listen addresses, max_connections and workers change only on restart");
+        tracing::warn!(
+            "listen addresses, max_connections and workers change only on restart; \
+             the rest of the new configuration is in force (max_header_bytes and the \
+             timeouts for connections accepted from now on)"
+        );
     }
     match Runtime::build(config, shared.workers, Some(&current), &shared.metrics) {
         Ok(runtime) => {

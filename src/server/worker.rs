@@ -21,10 +21,12 @@ use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
 use crate::telemetry;
 
-/// The HTTP/1.1 and HTTP/2 connection settings, built once per worker.
+/// The HTTP/1.1 and HTTP/2 connection settings of a worker, built again
+/// for new connections when a reload changes `max_header_bytes`.
 struct HttpBuilders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    max_header_bytes: usize,
 }
 
 fn http_builders(runtime: &Runtime) -> HttpBuilders {
@@ -42,7 +44,11 @@ fn http_builders(runtime: &Runtime) -> HttpBuilders {
         .max_concurrent_streams(256)
         .max_header_list_size((server.max_header_bytes * 2) as u32)
         .keep_alive_interval(None);
-    HttpBuilders { http1, http2 }
+    HttpBuilders {
+        http1,
+        http2,
+        max_header_bytes: server.max_header_bytes,
+    }
 }
 
 pub(super) async fn worker_loop(
@@ -58,7 +64,7 @@ pub(super) async fn worker_loop(
             return;
         }
     };
-    let builders = Arc::new(http_builders(&shared.runtime.load()));
+    let mut builders = Arc::new(http_builders(&shared.runtime.load()));
     loop {
         let Some(mut permit) = acquire_slot(&shared).await else {
             return;
@@ -92,6 +98,14 @@ pub(super) async fn worker_loop(
                 continue;
             }
         };
+        {
+            // A reload's max_header_bytes reaches hyper's buffer and HTTP/2
+            // header-list limits on connections accepted from now on.
+            let runtime = shared.runtime.load();
+            if runtime.config.server.max_header_bytes != builders.max_header_bytes {
+                builders = Arc::new(http_builders(&runtime));
+            }
+        }
         let shared_for_task = shared.clone();
         let builders = builders.clone();
         shared.connections.spawn(serve_https(
