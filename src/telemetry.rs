@@ -39,24 +39,27 @@ pub struct LogGuard {
 ///
 /// Standard output is line-buffered: written directly, every access-log
 /// line would cost the worker a `write` system call. A background thread
-/// writes instead; it is not lossy — when it falls behind, workers wait
-/// rather than drop audit records.
+/// writes instead, through a queue of 8k lines. When that queue is full —
+/// standard output is not being read (a stuck log shipper, a full pipe) —
+/// lines are dropped and counted (`portcullis_log_lines_dropped_total`)
+/// rather than letting a stalled reader stall serving.
 pub fn init(json: bool, level: &str) -> LogGuard {
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
     let is_record =
         |meta: &tracing::Metadata<'_>| meta.target() == ACCESS || meta.target() == SECURITY;
     let (stdout, stdout_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
+        .lossy(true)
         // Each queued line's slot is allocated up front: 8k lines is 256 KiB,
         // enough to absorb bursts while the writer catches up.
         .buffered_lines_limit(8 * 1024)
         .thread_name("portcullis-log")
         .finish(std::io::stdout());
     let (stderr, stderr_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
+        .lossy(true)
         .buffered_lines_limit(1024)
         .thread_name("portcullis-diag")
         .finish(std::io::stderr());
+    let _ = DROPPED_LINES.set([stdout.error_counter(), stderr.error_counter()]);
     use std::io::IsTerminal;
     let stdout_layer = layer(
         json,
@@ -79,6 +82,17 @@ pub fn init(json: bool, level: &str) -> LogGuard {
         _stdout: installed.then_some(stdout_guard),
         _stderr: installed.then_some(stderr_guard),
     }
+}
+
+/// The log writers' counts of lines dropped while their queue was full
+/// (standard output, standard error).
+static DROPPED_LINES: std::sync::OnceLock<[tracing_appender::non_blocking::ErrorCounter; 2]> =
+    std::sync::OnceLock::new();
+
+fn dropped_log_lines() -> u64 {
+    DROPPED_LINES.get().map_or(0, |counters| {
+        counters.iter().map(|c| c.dropped_lines() as u64).sum()
+    })
 }
 
 /// One output: JSON objects with the event's fields at the top level, or
@@ -316,6 +330,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// Log lines dropped because nobody read standard output (or error);
+    /// brought up to date at each scrape.
+    log_lines_dropped: Counter,
     /// Requests whose client went away while its body was being forwarded:
     /// not an upstream fault, so kept out of `upstream_errors`.
     pub client_aborts: Counter,
@@ -333,6 +350,7 @@ impl Metrics {
         );
         let upstream_errors = Family::<KindLabels, Counter>::default();
         let client_aborts = Counter::default();
+        let log_lines_dropped = Counter::default();
         let rejections = Family::<ReasonLabels, Counter>::default();
         let active_connections = Gauge::<i64, AtomicI64>::default();
         let tls_handshakes = Family::<VersionLabels, Counter>::default();
@@ -351,6 +369,11 @@ impl Metrics {
             "upstream_errors",
             "Failures talking to the upstream, by kind (connect, timeout, reset)",
             upstream_errors.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because standard output (or error) was not being read",
+            log_lines_dropped.clone(),
         );
         registry.register(
             "client_aborts",
@@ -388,6 +411,7 @@ impl Metrics {
             duration,
             upstream_errors,
             client_aborts,
+            log_lines_dropped,
             rejections,
             active_connections,
             tls_handshakes,
@@ -397,6 +421,11 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        let dropped = dropped_log_lines();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

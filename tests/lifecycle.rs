@@ -797,3 +797,74 @@ async fn a_reloaded_max_header_bytes_applies_to_new_connections() {
     let answer = common::collect(h2.send_request(request).await.expect("HTTP/2 answer")).await;
     assert_eq!(answer.status, 200);
 }
+
+/// A proxy whose standard output nobody reads (a full pipe, a stuck log
+/// shipper) keeps serving: access-log lines past the writer's queue are
+/// dropped and counted, never waited for.
+#[tokio::test]
+async fn a_proxy_whose_stdout_nobody_reads_keeps_serving() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = common::make_cert(dir.path(), "cert", &["localhost"]);
+    let (https, admin) = (common::free_port(), common::free_port());
+    let toml = format!(
+        "[server]\nhttps_listen = \"127.0.0.1:{https}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nworkers = 2\n\n[tls]\ncert = \"cert.pem\"\nkey = \"cert.key\"\n\n[upstream]\nurl = \"http://{}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        upstream.addr
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped()) // held, never read
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stdout_nobody_reads = child.stdout.take();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+    assert!(
+        common::wait_listening(addr, Duration::from_secs(10)).await,
+        "the proxy never listened"
+    );
+    let client = TlsClient::new(&cert, addr);
+
+    // Far more lines than a pipe (64 KiB) and the writer's queue (8k) hold.
+    const REQUESTS: usize = 12_000;
+    let mut h2 = client.h2().await;
+    let served = tokio::time::timeout(Duration::from_secs(90), async {
+        let mut served = 0;
+        for batch in 0..REQUESTS / 100 {
+            let mut answers = Vec::new();
+            for i in 0..100 {
+                let request = http::Request::builder()
+                    .uri(format!("https://localhost:{https}/r/{batch}/{i}"))
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap();
+                answers.push(h2.send_request(request));
+            }
+            for answer in answers {
+                if answer.await.is_ok_and(|r| r.status() == 200) {
+                    served += 1;
+                }
+            }
+        }
+        served
+    })
+    .await
+    .expect("serving stalled behind an unread standard output");
+    assert_eq!(served, REQUESTS);
+    let (status, text) =
+        common::plain_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    let dropped = sample(&text, "portcullis_log_lines_dropped_total", &[]).unwrap_or(0.0);
+    assert!(dropped > 0.0, "no dropped lines counted:\n{text}");
+}

@@ -947,3 +947,15 @@ pub fn copy_shipped_schemas(dir: &Path) {
         std::fs::copy(entry.path(), dir.join("schemas").join(entry.file_name())).unwrap();
     }
 }
+
+/// Polls until something accepts TCP connections on `addr`, for at most `within`.
+pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
