@@ -24,11 +24,35 @@ struct AccessLogOnDrop {
     record: AccessRecord,
     started: Instant,
     bytes: u64,
-    _in_flight: Option<InFlight>,
+    in_flight: Option<InFlight>,
+    /// A frame was handed to hyper and the connection counts this body as
+    /// waiting for the next pull (HTTP/2; see `Activity::body_handed_over`).
+    awaiting_pull: bool,
+}
+
+impl AccessLogOnDrop {
+    fn pulled(&mut self) {
+        if self.awaiting_pull {
+            self.awaiting_pull = false;
+            if let Some(in_flight) = &self.in_flight {
+                in_flight.activity().body_pulled();
+            }
+        }
+    }
+
+    fn handed_over(&mut self) {
+        if let Some(in_flight) = &self.in_flight
+            && in_flight.activity().watches_body_pulls()
+        {
+            self.awaiting_pull = true;
+            in_flight.activity().body_handed_over();
+        }
+    }
 }
 
 impl Drop for AccessLogOnDrop {
     fn drop(&mut self) {
+        self.pulled();
         self.record.emit(self.bytes, self.started.elapsed());
     }
 }
@@ -71,7 +95,8 @@ impl ResponseBody {
             record,
             started,
             bytes: 0,
-            _in_flight: in_flight,
+            in_flight,
+            awaiting_pull: false,
         }));
         self
     }
@@ -86,6 +111,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
+        if let Some(log) = &mut this.log {
+            log.pulled();
+        }
         let polled = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -95,6 +123,7 @@ impl Body for ResponseBody {
             && let Some(log) = &mut this.log
         {
             log.bytes += data.len() as u64;
+            log.handed_over();
         }
         if let Poll::Ready(None) = polled {
             // Log as soon as the body is complete, not when hyper gets round to dropping it.

@@ -73,6 +73,10 @@ impl ConnInfo {
     }
 }
 
+/// Requests a connection's client may cancel before its answer, beyond
+/// which cancelling most of its requests closes the connection.
+pub const MAX_CANCELLED_REQUESTS: u64 = 100;
+
 /// A connection's timers, from `[server]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -112,6 +116,18 @@ pub struct Activity {
     /// Since when a write to the client has been waiting for the socket to
     /// take bytes (offset by one; 0: no write waiting).
     write_stalled_since: AtomicU64,
+    /// HTTP/2 response bodies that have handed hyper a frame and wait for it
+    /// to take the next, and how many times one was taken: a client that
+    /// stops opening its flow-control window stalls these without any
+    /// socket write waiting.
+    bodies_awaiting_pull: AtomicU64,
+    body_pulls: AtomicU64,
+    /// Requests the client gave up on before their answer (an HTTP/2
+    /// stream reset, mostly).
+    cancelled: AtomicU64,
+    /// Told when the client has cancelled so many requests that it is
+    /// attacking rather than browsing; the connection's driver closes it.
+    cut_off: tokio::sync::Notify,
     /// HTTP/2 frames (pings, settings) are not request heads.
     tracks_heads: bool,
 }
@@ -125,6 +141,10 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             write_stalled_since: AtomicU64::new(0),
+            bodies_awaiting_pull: AtomicU64::new(0),
+            body_pulls: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            cut_off: tokio::sync::Notify::new(),
             tracks_heads,
         })
     }
@@ -147,6 +167,53 @@ impl Activity {
             self.head_started
                 .store(self.now_ms() + 1, Ordering::Relaxed);
         }
+    }
+
+    /// A request dropped before its answer: the client reset its stream (or
+    /// closed the connection). Browsers do that now and then; a client that
+    /// does it for most of its requests, past [`MAX_CANCELLED_REQUESTS`],
+    /// is resetting streams to make the proxy start work it never finishes
+    /// ("rapid reset", CVE-2023-44487, for streams h2's own limit has
+    /// already let through), and its connection is cut off.
+    pub fn note_cancelled(&self) {
+        let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        // `served` counts every request that ended, cancelled ones included.
+        if cancelled > MAX_CANCELLED_REQUESTS && cancelled * 2 > self.served.load(Ordering::Relaxed)
+        {
+            self.cut_off.notify_one();
+        }
+    }
+
+    /// Resolves once [`Self::note_cancelled`] has judged the client abusive.
+    pub async fn cut_off(&self) {
+        self.cut_off.notified().await;
+    }
+
+    /// Whether response bodies report their pulls ([`Self::body_handed_over`]):
+    /// on HTTP/2 only, where flow control can stall them with no write
+    /// waiting; on HTTP/1 a stalled client shows as a stalled write.
+    pub fn watches_body_pulls(&self) -> bool {
+        !self.tracks_heads
+    }
+
+    /// A response body gave hyper a frame and has more to come.
+    pub fn body_handed_over(&self) {
+        self.bodies_awaiting_pull.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// hyper came back for the next frame of a body (or dropped it).
+    pub fn body_pulled(&self) {
+        self.bodies_awaiting_pull.fetch_sub(1, Ordering::Relaxed);
+        self.body_pulls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bodies waiting for hyper to take their next frame, and the count of
+    /// pulls so far (the driver's timer watches it move).
+    pub fn body_pull_state(&self) -> (u64, u64) {
+        (
+            self.bodies_awaiting_pull.load(Ordering::Relaxed),
+            self.body_pulls.load(Ordering::Relaxed),
+        )
     }
 
     /// A write the socket did not take (the client is not reading).
@@ -206,6 +273,12 @@ impl Activity {
 
 /// Held while a request is being served (until its response body ends).
 pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    pub fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

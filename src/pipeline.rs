@@ -63,6 +63,7 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
+    let mut cancelled = CancelWatch(Some(&conn.activity));
     let in_flight = conn.activity.begin_request();
     let request_index = conn.next_request_index();
     let runtime = conn.shared.runtime.load_full();
@@ -118,7 +119,20 @@ pub async fn handle(
     ctx.record.status = status;
     ctx.route_metrics.record(status, started.elapsed());
     let record = ctx.record;
+    cancelled.0 = None;
     Ok(response.map(|body| body.with_access_log(record, started, Some(in_flight))))
+}
+
+/// Notes a request whose future is dropped before it has an answer: the
+/// client cancelled it (see [`crate::connection::Activity::note_cancelled`]).
+struct CancelWatch<'a>(Option<&'a crate::connection::Activity>);
+
+impl Drop for CancelWatch<'_> {
+    fn drop(&mut self) {
+        if let Some(activity) = self.0 {
+            activity.note_cancelled();
+        }
+    }
 }
 
 /// Steps 0 to 5. Returns the upstream's response, or the rejection that stopped the request.

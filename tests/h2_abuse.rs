@@ -605,9 +605,6 @@ async fn rapid_reset_is_cut_off_and_others_are_served() {
 /// one), leaving about 10,000 proxy-to-upstream sockets in TIME_WAIT from
 /// this one client connection. Memory stayed bounded (+3 to +6 MiB).
 #[tokio::test]
-#[ignore = "reason: streams reset after hyper accepted them are not limited (h2 counts only resets \
-            before accept): one connection makes the proxy open ~20,000 upstream connections \
-            and is never closed"]
 async fn rapid_reset_of_accepted_streams_is_cut_off() {
     const ROUNDS: u32 = 200;
     const PER_ROUND: u32 = 100;
@@ -1228,9 +1225,6 @@ async fn a_client_that_stops_reading_the_socket_is_cut_off_after_send_timeout() 
 /// connections were all still there 15 s later). Expected: cut off like a
 /// stalled write, after `send_timeout`.
 #[tokio::test]
-#[ignore = "reason: send_timeout only times writes the socket does not take; an HTTP/2 client that \
-            never sends WINDOW_UPDATE stalls no write, so its streams and their upstream \
-            connections are held forever"]
 async fn a_client_that_never_opens_its_window_is_cut_off_after_send_timeout() {
     const STREAMS: u32 = 16;
     let upstream = Upstream::start().await;
@@ -1252,7 +1246,12 @@ async fn a_client_that_never_opens_its_window_is_cut_off_after_send_timeout() {
     let stuck = Instant::now();
     let _ = tokio::time::timeout(Duration::from_secs(12), seen.wait_for(|s| s.ended())).await;
     let last = seen.borrow().clone();
-    let released = open_sockets(proxy.pid()) <= sockets_before + 2;
+    // The streams' tasks let go of their upstream connections as they learn
+    // the connection is gone: wait for that, with a deadline.
+    let released = common::eventually(Duration::from_secs(10), || {
+        open_sockets(proxy.pid()) <= sockets_before + 2
+    })
+    .await;
     reader.abort();
     assert!(
         last.ended() && released,

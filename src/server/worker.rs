@@ -266,6 +266,10 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     let shutdown = shared.shutdown.cancelled();
     tokio::pin!(shutdown);
     let mut closing = false;
+    // HTTP/2 bodies waiting on the client's flow-control window: stalled
+    // when none has been pulled since `pulls_unchanged_since`.
+    let mut seen_pulls = 0;
+    let mut pulls_unchanged_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -276,6 +280,14 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
             }
             () = timer.as_mut() => {
                 let now = tokio::time::Instant::now();
+                let (awaiting, pulls) = activity.body_pull_state();
+                if awaiting == 0 || pulls != seen_pulls {
+                    seen_pulls = pulls;
+                    pulls_unchanged_since = now;
+                } else if now.duration_since(pulls_unchanged_since) >= timeouts.send {
+                    tracing::info!(%peer, "send_timeout: the client stopped taking response data; connection closed");
+                    return;
+                }
                 let (deadline, expiry) = activity.deadline(&timeouts);
                 if deadline <= now {
                     match expiry {
@@ -300,6 +312,10 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                 }
                 let next = if deadline > now { deadline } else { now + wake_at_least_every };
                 timer.as_mut().reset(next.min(now + wake_at_least_every));
+            }
+            () = activity.cut_off() => {
+                tracing::warn!(%peer, "the client cancelled most of its requests (rapid reset); connection closed");
+                return;
             }
             () = shutdown.as_mut(), if !closing => {
                 closing = true;
