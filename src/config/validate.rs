@@ -479,7 +479,7 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
         }
         forward_claims.push((claim.clone(), name));
     }
-    let verifier = JwtVerifier::new(settings.clone())
+    let verifier = JwtVerifier::from_settings(settings.clone())
         .map_err(|e| invalid(format!("jwt.{}", e.key), e.message))?;
     if let Some(cookie) = &s.token_cookie
         && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
