@@ -206,6 +206,33 @@ fn check_refuses_a_key_that_does_not_match_the_certificate() {
 }
 
 #[test]
+fn check_never_fetches_jwks_url() {
+    let dir = tempfile::tempdir().unwrap();
+    gen_cert(dir.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let text = format!(
+        "{}\n[jwt]\nalgorithms = [\"ES256\"]\njwks_url = \"http://{}/jwks.json\"\n",
+        minimal("certs/cert.pem", "", ""),
+        listener.local_addr().unwrap()
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = run(portcullis(&["check", "--config", config.to_str().unwrap()]));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("jwks_url http://"),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(
+        listener.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "check connected to jwks_url"
+    );
+}
+
+#[test]
 fn run_refuses_to_start_without_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     gen_cert(dir.path());

@@ -2,7 +2,7 @@
 //! upstream see for `[jwt]` + `[[routes]] jwt = true` / `scopes`. SPEC:
 //! `[jwt]`, "Errors the proxy writes itself", "Forwarding" (forward_claims),
 //! Fine points "Tokens" and "JWKS URL". The verifier's unit tests in
-//! src/policy/jwt.rs cover the crypto in depth; here every case goes over
+//! src/policy/jwt/ cover the crypto in depth; here every case goes over
 //! TLS and is judged by status, JSON `error`, `WWW-Authenticate`, whether the
 //! upstream was reached, and the stdout events.
 //!
@@ -1356,6 +1356,44 @@ async fn jwks_url_refresh_replaces_the_whole_key_set() {
         1,
         "alice",
         "k2",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_refetches_jwks_url_at_once_and_forgets_verified_tokens() {
+    let upstream = Upstream::start().await;
+    let (k1, k2) = (TestKey::p256(), TestKey::p256());
+    let server = JwksServer::start(jwks(&[k1.jwk("k1")])).await;
+    let proxy = start(&upstream, &jwks_url_config(&server.url, "1h"), ADMIN).await;
+    let token = k1.token(Some("k1"), &claims());
+    assert_accepted(&bearer(&proxy, &token).await, &upstream, 0, "alice", "k1");
+
+    // k1 is withdrawn; with the next refresh an hour away, only a reload
+    // makes the proxy see it at once. The file is unchanged.
+    server.serve(jwks(&[k2.jwk("k2")]));
+    let before = server.hits();
+    proxy.signal("HUP");
+    let refetched = eventually(Duration::from_secs(10), || server.hits() > before).await;
+    assert!(
+        refetched,
+        "no fetch after the reload; stderr:\n{}",
+        proxy.stderr_text()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .stderr_text()
+            .contains("configuration reloaded"))
+        .await
+    );
+    // Verified (and cached) a moment ago, refused now.
+    assert_invalid(&bearer(&proxy, &token).await, &token, "k1 after the reload");
+    assert_accepted(
+        &bearer(&proxy, &k2.token(Some("k2"), &claims())).await,
+        &upstream,
+        1,
+        "alice",
+        "k2 after the reload",
     );
     server.stop().await;
 }

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
 use crate::policy::csrf::Origin;
-use crate::policy::jwt::{JwtSettings, JwtVerifier};
+use crate::policy::jwt::{JwtSettings, VerifierConfig};
 use crate::policy::rate_limit::{KeySource, Rate, RateLimitSpec};
 use crate::policy::schema::RouteSchema;
 
@@ -479,7 +479,7 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
         }
         forward_claims.push((claim.clone(), name));
     }
-    let verifier = JwtVerifier::from_settings(settings.clone())
+    let verifier = VerifierConfig::new(settings.clone())
         .map_err(|e| invalid(format!("jwt.{}", e.key), e.message))?;
     if let Some(cookie) = &s.token_cookie
         && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
@@ -491,7 +491,7 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
     }
     Ok(Jwt {
         settings,
-        verifier: Arc::new(verifier),
+        verifier,
         forward_claims,
         token_cookie: s.token_cookie.clone(),
     })

@@ -36,7 +36,9 @@ mod verify;
 
 pub use extract::{TokenSource, extract_token};
 pub use keys::KeySet;
-pub use remote::{DEFAULT_MIN_REFETCH_INTERVAL, FetchFuture, FetchOptions, KeySource, RemoteKeys};
+pub use remote::{
+    DEFAULT_MIN_REFETCH_INTERVAL, FetchFuture, FetchOptions, KeyFetcher, KeySource, RemoteKeys,
+};
 pub use settings::{JwtConfigError, JwtSettings, VerifierConfig};
 pub use verified::VerifiedToken;
 pub use verify::{JwtVerifier, MAX_TOKEN_BYTES, TokenError};

@@ -5,7 +5,8 @@
 //! most once per `min_refetch_interval` (a minute) with concurrent callers
 //! sharing one fetch. A failed fetch keeps the last good set; a successful
 //! one replaces it whole. The set is published through an [`ArcSwap`], so
-//! the verifier reads it without a lock for a known `kid`.
+//! the verifier reads it without a lock for a known `kid`. [`KeyFetcher`]
+//! runs the refresh; the runtime starts one per configuration.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +15,11 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Guard};
+use tokio_util::sync::CancellationToken;
 
+use super::jwks_url::HttpJwks;
 use super::keys::KeySet;
+use super::settings::VerifierConfig;
 
 /// Default minimum time between two unknown-`kid` refetches.
 pub const DEFAULT_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(60);
@@ -91,6 +95,18 @@ impl RemoteKeys {
             loaded: AtomicBool::new(false),
             fetch: Arc::new(tokio::sync::Mutex::new(FetchState::default())),
         }
+    }
+
+    /// The `jwks_url` keys of `config`, when it names one. Nothing is
+    /// fetched until a [`KeyFetcher`] starts or a `kid` is missed.
+    pub fn for_jwks_url(config: &VerifierConfig) -> Option<Arc<RemoteKeys>> {
+        let url = config.jwks_url.clone()?;
+        let source = HttpJwks::new(url, config.allowed);
+        Some(Arc::new(RemoteKeys::new(
+            Arc::new(source),
+            config.jwks_refresh,
+            FetchOptions::default(),
+        )))
     }
 
     /// The current set, without a lock; hold it briefly, never across an await.
@@ -183,23 +199,71 @@ impl RemoteKeys {
             ok = fetched || remote.loaded.load(Ordering::Acquire);
         }
     }
+}
 
-    /// With a tokio runtime current: spawns the refresh task on it and
-    /// returns its handle; outside one, logs and spawns nothing.
-    pub(super) fn spawn_refresh(self: &Arc<Self>) -> Option<tokio::task::AbortHandle> {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(
-                "jwks_url: start_background called outside a tokio runtime; keys will not be fetched"
-            );
-            return None;
-        };
+/// The refresh task of one [`RemoteKeys`]: the start fetch, then one every
+/// `jwks_refresh`. Never fatal: a failed start fetch is logged and retried
+/// (backing off from 1 s to at most a minute until one succeeds); meanwhile
+/// tokens that need those keys are refused as
+/// [`super::TokenError::KeyUnavailable`], and requests that arrive during
+/// the start fetch wait for it. Dropping the fetcher stops the task.
+///
+/// The task runs on a thread of its own, with its own small runtime, so it
+/// can be started from anywhere — the first configuration is built before
+/// any tokio runtime exists — and never competes with requests on a worker.
+pub struct KeyFetcher {
+    stop: CancellationToken,
+}
+
+impl KeyFetcher {
+    pub fn start(remote: &Arc<RemoteKeys>) -> std::io::Result<KeyFetcher> {
         // Taken here, synchronously, so that the start fetch holds it before
         // any request can run the unknown-kid path. (If an unknown-kid fetch
         // already holds it, the task waits for that one first.)
-        let start = self.fetch.clone().try_lock_owned().ok();
-        let weak = Arc::downgrade(self);
-        let handle = runtime.spawn(RemoteKeys::run(weak, start, self.refresh));
-        Some(handle.abort_handle())
+        let start = remote.fetch.clone().try_lock_owned().ok();
+        let weak = Arc::downgrade(remote);
+        let refresh = remote.refresh;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        // Built on the new thread: a runtime dropped on the caller's, were
+        // the spawn to fail after building it, would panic inside a reload.
+        let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("portcullis-jwks".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = built_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let _ = built_tx.send(Ok(()));
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = stopped.cancelled() => {}
+                        () = RemoteKeys::run(weak, start, refresh) => {}
+                    }
+                });
+            })?;
+        match built_rx.recv() {
+            Ok(Ok(())) => Ok(KeyFetcher { stop }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(std::io::Error::other(
+                "the jwks_url fetcher thread ended before it started",
+            )),
+        }
+    }
+}
+
+impl Drop for KeyFetcher {
+    fn drop(&mut self) {
+        // A reload replaces the fetcher with its runtime generation: the old
+        // task must not keep fetching for a verifier no request can reach.
+        self.stop.cancel();
     }
 }
 
@@ -227,7 +291,7 @@ mod tests {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
         source.delay(Duration::from_millis(200));
         let keys = remote(&source, HOUR, Duration::ZERO);
-        let _task = keys.spawn_refresh();
+        let _fetcher = KeyFetcher::start(&keys).unwrap();
         assert!(keys.refetch_for_kid("a").await);
         assert_eq!(source.fetches(), 1, "the caller fetched too");
         assert!(keys.is_loaded());
@@ -237,7 +301,7 @@ mod tests {
     async fn the_start_fetch_does_not_use_the_refetch_allowance() {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
         let keys = remote(&source, HOUR, HOUR);
-        let _task = keys.spawn_refresh();
+        let _fetcher = KeyFetcher::start(&keys).unwrap();
         wait_until("start fetch", || keys.is_loaded()).await;
 
         // Published after start: fetched on first use.
@@ -256,7 +320,7 @@ mod tests {
     async fn concurrent_unknown_kids_share_one_refetch() {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
         let keys = remote(&source, HOUR, HOUR);
-        let _task = keys.spawn_refresh();
+        let _fetcher = KeyFetcher::start(&keys).unwrap();
         wait_until("start fetch", || keys.is_loaded()).await;
 
         let tasks: Vec<_> = (0..50)
@@ -275,7 +339,7 @@ mod tests {
     async fn failed_refreshes_keep_the_last_good_set() {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
         let keys = remote(&source, Duration::from_millis(20), Duration::ZERO);
-        let _task = keys.spawn_refresh();
+        let _fetcher = KeyFetcher::start(&keys).unwrap();
         wait_until("start fetch", || keys.is_loaded()).await;
 
         source.fail("status 500");
@@ -299,5 +363,31 @@ mod tests {
         assert!(!keys.refetch_for_kid("a").await);
         assert!(!keys.is_loaded());
         assert!(keys.current().is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_fetcher_stops_its_task() {
+        let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
+        let keys = remote(&source, Duration::from_millis(20), HOUR);
+        let fetcher = KeyFetcher::start(&keys).unwrap();
+        wait_until("two fetches", || source.fetches() >= 2).await;
+        drop(fetcher);
+        // One fetch may have been under way.
+        let seen = source.fetches() + 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(source.fetches() <= seen, "still fetching after the drop");
+    }
+
+    #[test]
+    fn a_fetcher_needs_no_runtime_where_it_starts() {
+        let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
+        let keys = remote(&source, HOUR, HOUR);
+        let _fetcher = KeyFetcher::start(&keys).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !keys.is_loaded() {
+            assert!(Instant::now() < deadline, "no start fetch");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(keys.current().has_kid("a"));
     }
 }

@@ -20,7 +20,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -31,10 +31,9 @@ use serde_json::{Map, Value};
 
 use super::algorithms::alg_from_name;
 use super::cache::TokenCache;
-use super::jwks_url::HttpJwks;
 use super::keys::{KeySet, Lookup};
-use super::remote::{FetchOptions, RemoteKeys};
-use super::settings::{JwtConfigError, JwtSettings, VerifierConfig};
+use super::remote::RemoteKeys;
+use super::settings::VerifierConfig;
 use super::verified::VerifiedToken;
 
 /// Longest token accepted, in bytes. Equal to the default `max_header_bytes`:
@@ -155,7 +154,6 @@ pub struct JwtVerifier {
     config: VerifierConfig,
     /// The `jwks_url` keys, when configured.
     remote: Option<Arc<RemoteKeys>>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
     cache: TokenCache,
 }
 
@@ -167,17 +165,6 @@ impl fmt::Debug for JwtVerifier {
     }
 }
 
-impl Drop for JwtVerifier {
-    fn drop(&mut self) {
-        // A reload replaces the verifier: its refresh task must not outlive it.
-        if let Ok(mut task) = self.task.lock()
-            && let Some(handle) = task.take()
-        {
-            handle.abort();
-        }
-    }
-}
-
 impl JwtVerifier {
     /// A verifier for `config`; `remote` holds the keys that change, when
     /// `config` names a `jwks_url` (or, in tests, a fake source).
@@ -186,43 +173,7 @@ impl JwtVerifier {
             cache: TokenCache::new(config.leeway_secs),
             config,
             remote,
-            task: Mutex::new(None),
         }
-    }
-
-    /// Validates `settings` (see [`VerifierConfig::new`]) and builds the
-    /// verifier, with the `jwks_url` source when one is configured. Nothing
-    /// is fetched until [`JwtVerifier::start_background`].
-    pub fn from_settings(settings: JwtSettings) -> Result<JwtVerifier, JwtConfigError> {
-        let config = VerifierConfig::new(settings)?;
-        let remote = config.jwks_url.clone().map(|url| {
-            let source = HttpJwks::new(url, config.allowed);
-            Arc::new(RemoteKeys::new(
-                Arc::new(source),
-                config.jwks_refresh,
-                FetchOptions::default(),
-            ))
-        });
-        Ok(JwtVerifier::new(config, remote))
-    }
-
-    /// With `jwks_url`: spawns, on the current tokio runtime, the task that
-    /// fetches the key set now and then every `jwks_refresh`. Not awaited and
-    /// never fatal: a failed start fetch is logged and retried (backing off
-    /// from 1 s to at most a minute until one succeeds); meanwhile tokens
-    /// that need those keys are refused with [`TokenError::KeyUnavailable`],
-    /// and requests that arrive during the start fetch wait for it. The task
-    /// ends when the verifier is dropped. Harmless without `jwks_url`, when
-    /// called twice, or outside a runtime (logged, nothing spawned).
-    pub fn start_background(self: &Arc<Self>) {
-        let Some(remote) = &self.remote else { return };
-        let Ok(mut task) = self.task.lock() else {
-            return;
-        };
-        if task.is_some() {
-            return;
-        }
-        *task = remote.spawn_refresh();
     }
 
     /// Verifies signature and claims: `exp` required, `nbf` honoured, the
@@ -436,6 +387,7 @@ mod tests {
 
     use super::*;
     use crate::policy::jwt::cache;
+    use crate::policy::jwt::remote::{FetchOptions, KeyFetcher};
     use crate::policy::jwt::test_support::*;
 
     #[test]
@@ -941,14 +893,6 @@ mod tests {
     }
 
     #[test]
-    fn start_background_is_harmless_without_url_or_runtime() {
-        Arc::new(verifier(hs_settings())).start_background();
-        let mut s = settings(&["RS256"]);
-        s.jwks_url = Some("http://127.0.0.1:9/jwks".into());
-        Arc::new(JwtVerifier::from_settings(s).unwrap()).start_background(); // no runtime: logged, nothing spawned
-    }
-
-    #[test]
     fn token_error_details() {
         assert_eq!(TokenError::Expired.detail(), "expired");
         assert_eq!(TokenError::BadSignature.to_string(), "bad signature");
@@ -958,8 +902,12 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
-    /// A verifier whose `jwks_url` keys come from `source`.
-    fn fake_url_verifier(source: &Arc<FakeSource>, min_refetch: Duration) -> Arc<JwtVerifier> {
+    /// A verifier whose `jwks_url` keys come from `source`, and the
+    /// started fetcher of those keys.
+    fn fake_url_verifier(
+        source: &Arc<FakeSource>,
+        min_refetch: Duration,
+    ) -> (JwtVerifier, KeyFetcher) {
         let mut s = settings(&["ES256"]);
         s.jwks_url = Some("http://idp.invalid/jwks.json".into());
         s.jwks_refresh = HOUR;
@@ -968,15 +916,19 @@ mod tests {
             min_refetch_interval: min_refetch,
             ..FetchOptions::default()
         };
-        let remote = RemoteKeys::new(source.clone(), config.jwks_refresh, options);
-        Arc::new(JwtVerifier::new(config, Some(Arc::new(remote))))
+        let remote = Arc::new(RemoteKeys::new(
+            source.clone(),
+            config.jwks_refresh,
+            options,
+        ));
+        let fetcher = KeyFetcher::start(&remote).unwrap();
+        (JwtVerifier::new(config, Some(remote)), fetcher)
     }
 
     #[tokio::test]
     async fn fetched_keys_rotate_on_an_unknown_kid() {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
-        let v = fake_url_verifier(&source, Duration::ZERO);
-        v.start_background();
+        let (v, _fetcher) = fake_url_verifier(&source, Duration::ZERO);
         // No polling needed: a request during the start fetch waits for it.
         assert!(v.verify(&ec_a().token(Some("a"), &claims())).await.is_ok());
         assert_eq!(source.fetches(), 1);
@@ -996,8 +948,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_fetch_keeps_the_keys_and_an_unknown_kid_stays_unknown() {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
-        let v = fake_url_verifier(&source, Duration::ZERO);
-        v.start_background();
+        let (v, _fetcher) = fake_url_verifier(&source, Duration::ZERO);
         assert!(v.verify(&ec_a().token(Some("a"), &claims())).await.is_ok());
         source.fail("connect: refused");
         assert_eq!(
@@ -1012,8 +963,7 @@ mod tests {
     async fn keys_never_fetched_are_unavailable() {
         let source = FakeSource::new(&["ES256"], Vec::new());
         source.fail("connect: refused");
-        let v = fake_url_verifier(&source, HOUR);
-        v.start_background();
+        let (v, _fetcher) = fake_url_verifier(&source, HOUR);
         assert_eq!(
             v.verify(&ec_a().token(Some("a"), &claims())).await,
             Err(TokenError::KeyUnavailable)
@@ -1022,19 +972,5 @@ mod tests {
             v.verify(&ec_a().token(None, &claims())).await,
             Err(TokenError::KeyUnavailable)
         );
-    }
-
-    #[tokio::test]
-    async fn dropping_the_verifier_stops_its_refresh_task() {
-        let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
-        let v = fake_url_verifier(&source, HOUR);
-        v.start_background();
-        wait_until("start fetch", || source.fetches() == 1).await;
-        let remote = Arc::downgrade(v.remote.as_ref().unwrap());
-        drop(v);
-        wait_until("the task to release the key set", || {
-            remote.upgrade().is_none()
-        })
-        .await;
     }
 }
