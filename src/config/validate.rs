@@ -21,7 +21,7 @@ use super::{
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
 use crate::policy::csrf::Origin;
-use crate::policy::jwt::{JwtSettings, VerifierConfig};
+use crate::policy::jwt::{JwtSettings, KeyFile, VerifierConfig};
 use crate::policy::rate_limit::{KeySource, Rate, RateLimitSpec};
 use crate::policy::schema::RouteSchema;
 
@@ -433,6 +433,13 @@ fn headers(s: &file::HeadersSection) -> Result<HeaderRules> {
     })
 }
 
+fn key_file(key: &str, base_dir: &Path, name: &str) -> Result<KeyFile> {
+    Ok(KeyFile {
+        name: name.to_string(),
+        contents: read_file(key, base_dir, name)?,
+    })
+}
+
 fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
     let uses_hmac = s
         .algorithms
@@ -447,15 +454,15 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
         algorithms: s.algorithms.clone(),
         secret,
         secret_env: Some(s.secret_env.clone()),
-        public_key_pem: s
+        public_key: s
             .public_key
             .as_deref()
-            .map(|name| read_file("jwt.public_key", base_dir, name))
+            .map(|name| key_file("jwt.public_key", base_dir, name))
             .transpose()?,
-        jwks_json: s
+        jwks: s
             .jwks
             .as_deref()
-            .map(|name| read_file("jwt.jwks", base_dir, name))
+            .map(|name| key_file("jwt.jwks", base_dir, name))
             .transpose()?,
         jwks_url: s.jwks_url.clone(),
         jwks_refresh: s.jwks_refresh.0,

@@ -134,9 +134,9 @@ pub fn mint_with_kid(
         let mut header = Header::new(alg);
         header.kid = kid.map(str::to_string).or_else(|| {
             settings
-                .jwks_json
-                .as_deref()
-                .and_then(|j| kid_for_private_key(j, &key, alg))
+                .jwks
+                .as_ref()
+                .and_then(|jwks| kid_for_private_key(&jwks.contents, &key, alg))
         });
         // Signing is the real test of fit (an EC key on the wrong curve for
         // ES256 fails here), so a failure just moves on to the next alg.
@@ -158,7 +158,7 @@ pub fn mint_with_kid(
     ))
 }
 
-/// The `kid` of the JWK in `jwks_json` whose public key matches `key`.
+/// The `kid` of the JWK in the `jwks` file whose public key matches `key`.
 fn kid_for_private_key(jwks_json: &[u8], key: &EncodingKey, alg: Algorithm) -> Option<String> {
     let ours = Jwk::from_encoding_key(key, alg).ok()?.algorithm;
     let raw: RawJwks = serde_json::from_slice(jwks_json).ok()?;
@@ -239,7 +239,7 @@ mod tests {
     async fn mint_with_private_key_and_jwks_kid() {
         let mut s = settings(&["HS256", "ES256", "RS256"]);
         s.secret = Some(SECRET.to_vec());
-        s.jwks_json = Some(jwks(&[ec_a().jwk("ec-a"), rsa().jwk("rsa-1")]));
+        s.jwks = key_file("keys.json", jwks(&[ec_a().jwk("ec-a"), rsa().jwk("rsa-1")]));
         let token = mint(&s, Some(rsa().private_pem.as_bytes()), &mint_req()).unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();
         assert_eq!(header.alg, Algorithm::RS256);
@@ -258,7 +258,7 @@ mod tests {
     #[tokio::test]
     async fn mint_eddsa_with_explicit_kid() {
         let mut s = settings(&["EdDSA"]);
-        s.jwks_json = Some(jwks(&[ed().jwk("ed-1")]));
+        s.jwks = key_file("keys.json", jwks(&[ed().jwk("ed-1")]));
         let token = mint_with_kid(
             &s,
             Some(ed().private_pem.as_bytes()),
@@ -277,7 +277,7 @@ mod tests {
     fn mint_errors() {
         // Key that fits no listed algorithm (P-256 key, only ES384 listed).
         let mut s = settings(&["ES384"]);
-        s.public_key_pem = Some(ec384().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", ec384().public_pem.clone().into_bytes());
         let e = mint(&s, Some(ec_a().private_pem.as_bytes()), &mint_req()).unwrap_err();
         assert_eq!(e.key, "key");
         assert!(e.message.contains("ES384"), "{e}");

@@ -14,7 +14,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::algorithms::AlgSet;
-use super::settings::{JwtConfigError, config_err};
 
 /// Keys beyond this many in one JWKS are ignored: a real set holds a few, and
 /// lookups scan linearly.
@@ -261,16 +260,13 @@ pub(crate) fn pem_label(pem: &[u8]) -> Option<&str> {
 }
 
 /// Decodes the `public_key` PEM and works out which algorithms it can serve.
-pub(super) fn decode_public_key(pem: &[u8], allowed: AlgSet) -> Result<VerifyKey, JwtConfigError> {
-    let label = pem_label(pem).ok_or_else(|| {
-        config_err(
-            "public_key",
-            "is not a PEM file (expected -----BEGIN PUBLIC KEY-----)",
-        )
-    })?;
+/// Says why as a sentence about the file (`is not a PEM file ...`); the
+/// caller names the key and the file.
+pub(super) fn decode_public_key(pem: &[u8], allowed: AlgSet) -> Result<VerifyKey, String> {
+    let label = pem_label(pem)
+        .ok_or_else(|| String::from("is not a PEM file (expected -----BEGIN PUBLIC KEY-----)"))?;
     if label.contains("PRIVATE") {
-        return Err(config_err(
-            "public_key",
+        return Err(String::from(
             "holds a private key; give the public key instead \
              (e.g. `openssl pkey -in key.pem -pubout`)",
         ));
@@ -283,14 +279,11 @@ pub(super) fn decode_public_key(pem: &[u8], allowed: AlgSet) -> Result<VerifyKey
             _ => 0,
         };
         if !(2048..=8192).contains(&bits) {
-            return Err(config_err(
-                "public_key",
-                if bits == 0 {
-                    "is not a valid RSA public key".to_string()
-                } else {
-                    format!("is a {bits}-bit RSA key; 2048 to 8192 bits are supported")
-                },
-            ));
+            return Err(if bits == 0 {
+                "is not a valid RSA public key".to_string()
+            } else {
+                format!("is a {bits}-bit RSA key; 2048 to 8192 bits are supported")
+            });
         }
         ("an RSA", AlgSet::RSA, key)
     } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
@@ -299,43 +292,30 @@ pub(super) fn decode_public_key(pem: &[u8], allowed: AlgSet) -> Result<VerifyKey
             65 => ("an EC P-256", AlgSet::ES256, key),
             97 => ("an EC P-384", AlgSet::ES384, key),
             133 => {
-                return Err(config_err(
-                    "public_key",
+                return Err(String::from(
                     "is an EC P-521 key; ES512 is not supported, use P-256 (ES256) or P-384 (ES384)",
                 ));
             }
             _ => {
-                return Err(config_err(
-                    "public_key",
-                    "is not a valid (uncompressed) EC public key",
-                ));
+                return Err(String::from("is not a valid (uncompressed) EC public key"));
             }
         }
     } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
         if key.try_get_as_bytes().map_or(0, <[u8]>::len) != 32 {
-            return Err(config_err(
-                "public_key",
-                "is not a valid Ed25519 public key",
-            ));
+            return Err(String::from("is not a valid Ed25519 public key"));
         }
         ("an Ed25519", AlgSet::EDDSA, key)
     } else {
-        return Err(config_err(
-            "public_key",
-            format!(
-                "\"{label}\" is not a supported public key (RSA, EC P-256/P-384 or Ed25519 \
+        return Err(format!(
+            "\"{label}\" is not a supported public key (RSA, EC P-256/P-384 or Ed25519 \
                  in -----BEGIN PUBLIC KEY----- or -----BEGIN RSA PUBLIC KEY----- form)"
-            ),
         ));
     };
     let usable = algs.and(allowed);
     if usable.is_empty() {
-        return Err(config_err(
-            "public_key",
-            format!(
-                "is {kind} key, which fits {} — none of them is listed in algorithms",
-                algs.names()
-            ),
+        return Err(format!(
+            "is {kind} key, which fits {} — none of them is listed in algorithms",
+            algs.names()
         ));
     }
     Ok(VerifyKey { algs: usable, key })

@@ -39,7 +39,7 @@ pub use keys::KeySet;
 pub use remote::{
     DEFAULT_MIN_REFETCH_INTERVAL, FetchFuture, FetchOptions, KeyFetcher, KeySource, RemoteKeys,
 };
-pub use settings::{JwtConfigError, JwtSettings, VerifierConfig};
+pub use settings::{JwtConfigError, JwtSettings, KeyFile, VerifierConfig};
 pub use verified::VerifiedToken;
 pub use verify::{JwtVerifier, MAX_TOKEN_BYTES, TokenError};
 

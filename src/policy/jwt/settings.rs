@@ -27,10 +27,10 @@ pub struct JwtSettings {
     pub secret: Option<Vec<u8>>,
     /// The variable's name, for error messages only.
     pub secret_env: Option<String>,
-    /// Contents of the `public_key` file.
-    pub public_key_pem: Option<Vec<u8>>,
-    /// Contents of the `jwks` file.
-    pub jwks_json: Option<Vec<u8>>,
+    /// The `public_key` file (PEM).
+    pub public_key: Option<KeyFile>,
+    /// The `jwks` file (a JWKS document).
+    pub jwks: Option<KeyFile>,
     pub jwks_url: Option<String>,
     /// Default 10 minutes.
     pub jwks_refresh: Duration,
@@ -48,8 +48,8 @@ impl Default for JwtSettings {
             algorithms: vec!["HS256".to_string()],
             secret: None,
             secret_env: Some("JWT_SECRET".to_string()),
-            public_key_pem: None,
-            jwks_json: None,
+            public_key: None,
+            jwks: None,
             jwks_url: None,
             jwks_refresh: Duration::from_secs(600),
             issuer: None,
@@ -66,17 +66,30 @@ impl fmt::Debug for JwtSettings {
             .field("algorithms", &self.algorithms)
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("secret_env", &self.secret_env)
-            .field(
-                "public_key_pem",
-                &self.public_key_pem.as_ref().map(Vec::len),
-            )
-            .field("jwks_json", &self.jwks_json.as_ref().map(Vec::len))
+            .field("public_key", &self.public_key)
+            .field("jwks", &self.jwks)
             .field("jwks_url", &self.jwks_url)
             .field("jwks_refresh", &self.jwks_refresh)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
             .finish()
+    }
+}
+
+/// A key file named in `[jwt]`, read: its name as written, so that an
+/// error about its contents can name it the way `routes[N].json_schema`
+/// errors do (`jwt.jwks: certs/keys.json: not a JWKS document (...)`).
+#[derive(Clone)]
+pub struct KeyFile {
+    pub name: String,
+    pub contents: Vec<u8>,
+}
+
+impl fmt::Debug for KeyFile {
+    // The name and the size: the contents are no use in a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} bytes)", self.name, self.contents.len())
     }
 }
 
@@ -196,9 +209,8 @@ impl VerifierConfig {
             None
         };
 
-        let any_public = settings.public_key_pem.is_some()
-            || settings.jwks_json.is_some()
-            || settings.jwks_url.is_some();
+        let any_public =
+            settings.public_key.is_some() || settings.jwks.is_some() || settings.jwks_url.is_some();
         if asym_listed && !any_public {
             let names = allowed.asymmetric().names();
             return Err(config_err(
@@ -207,9 +219,9 @@ impl VerifierConfig {
             ));
         }
         if !asym_listed && any_public {
-            let key = if settings.public_key_pem.is_some() {
+            let key = if settings.public_key.is_some() {
                 "public_key"
-            } else if settings.jwks_json.is_some() {
+            } else if settings.jwks.is_some() {
                 "jwks"
             } else {
                 "jwks_url"
@@ -221,24 +233,24 @@ impl VerifierConfig {
         }
 
         let public_key = settings
-            .public_key_pem
-            .as_deref()
-            .map(|pem| decode_public_key(pem, allowed))
+            .public_key
+            .as_ref()
+            .map(|file| {
+                decode_public_key(&file.contents, allowed)
+                    .map_err(|why| config_err("public_key", format!("{}: {why}", file.name)))
+            })
             .transpose()?;
 
-        let file_keys = match settings.jwks_json.as_deref() {
-            Some(json) => {
-                let set =
-                    decode_jwks(json, allowed, "jwks file").map_err(|e| config_err("jwks", e))?;
+        let file_keys = match &settings.jwks {
+            Some(file) => {
+                let in_file = |why: String| config_err("jwks", format!("{}: {why}", file.name));
+                let set = decode_jwks(&file.contents, allowed, &file.name).map_err(in_file)?;
                 if set.is_empty() {
-                    return Err(config_err(
-                        "jwks",
-                        format!(
-                            "holds no key usable with the listed algorithms ({}); \
-                             keys with \"use\": \"enc\", another \"alg\", or an unsupported type are skipped",
-                            allowed.asymmetric().names()
-                        ),
-                    ));
+                    return Err(in_file(format!(
+                        "holds no key usable with the listed algorithms ({}); \
+                         keys with \"use\": \"enc\", another \"alg\", or an unsupported type are skipped",
+                        allowed.asymmetric().names()
+                    )));
                 }
                 set
             }
@@ -394,7 +406,7 @@ mod tests {
     fn config_unused_secret_env_is_ignored() {
         let mut s = settings(&["RS256"]);
         s.secret_env = Some("UNSET_AND_UNUSED".into());
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         assert!(VerifierConfig::new(s).is_ok());
     }
 
@@ -416,14 +428,14 @@ mod tests {
         // Mixed list with only a public key.
         let mut s = settings(&["HS256", "RS256"]);
         s.secret_env = Some("NOT_SET_PORTCULLIS".into());
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         assert_eq!(config_error(s).key, "secret_env");
     }
 
     #[test]
     fn config_public_key_without_asymmetric_alg() {
         let mut s = hs_settings();
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         assert_eq!(config_error(s).key, "public_key");
         let mut s = hs_settings();
         s.jwks_url = Some("http://127.0.0.1:1/jwks.json".into());
@@ -433,7 +445,7 @@ mod tests {
     #[test]
     fn config_public_key_type_must_fit() {
         let mut s = settings(&["RS256"]);
-        s.public_key_pem = Some(ec_a().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", ec_a().public_pem.clone().into_bytes());
         let e = config_error(s);
         assert_eq!(e.key, "public_key");
         assert!(
@@ -442,33 +454,40 @@ mod tests {
         );
 
         let mut s = settings(&["ES384"]);
-        s.public_key_pem = Some(ec_a().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", ec_a().public_pem.clone().into_bytes());
         assert_eq!(config_error(s).key, "public_key");
 
         let mut s = settings(&["ES256"]);
-        s.public_key_pem = Some(ed().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", ed().public_pem.clone().into_bytes());
         assert_eq!(config_error(s).key, "public_key");
     }
 
     #[test]
     fn config_public_key_bad_inputs() {
         let mut s = settings(&["RS256"]);
-        s.public_key_pem = Some(rsa().private_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().private_pem.clone().into_bytes());
         let e = config_error(s);
         assert!(e.message.contains("private key"), "{e}");
 
         let mut s = settings(&["RS256"]);
-        s.public_key_pem = Some(b"hello".to_vec());
-        assert!(config_error(s).message.contains("not a PEM"));
+        s.public_key = key_file("certs/key.pem", b"hello".to_vec());
+        let e = config_error(s);
+        assert_eq!(e.key, "public_key");
+        assert!(
+            e.message.starts_with("certs/key.pem: is not a PEM file"),
+            "{e}"
+        );
 
         let mut s = settings(&["RS256"]);
-        s.public_key_pem =
-            Some(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_vec());
+        s.public_key = key_file(
+            "key.pem",
+            b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_vec(),
+        );
         assert_eq!(config_error(s).key, "public_key");
 
         let p521 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
         let mut s = settings(&["ES256"]);
-        s.public_key_pem = Some(p521.public_key_pem().into_bytes());
+        s.public_key = key_file("key.pem", p521.public_key_pem().into_bytes());
         let e = config_error(s);
         assert!(e.message.contains("P-521"), "{e}");
     }
@@ -476,16 +495,22 @@ mod tests {
     #[test]
     fn config_jwks_file_rules() {
         let mut s = settings(&["ES256"]);
-        s.jwks_json = Some(b"{\"not\":\"a jwks\"}".to_vec());
+        s.jwks = key_file("keys.json", b"{\"not\":\"a jwks\"}".to_vec());
         let e = config_error(s);
         assert_eq!(e.key, "jwks");
-        assert!(e.message.contains("not a JWKS"), "{e}");
+        assert!(
+            e.message.starts_with("keys.json: not a JWKS document ("),
+            "{e}"
+        );
 
         // Only keys for algorithms not listed.
         let mut s = settings(&["ES256"]);
-        s.jwks_json = Some(jwks(&[rsa().jwk("r")]));
+        s.jwks = key_file("keys.json", jwks(&[rsa().jwk("r")]));
         let e = config_error(s);
-        assert!(e.message.contains("no key usable"), "{e}");
+        assert!(
+            e.message.starts_with("keys.json: holds no key usable"),
+            "{e}"
+        );
     }
 
     #[test]

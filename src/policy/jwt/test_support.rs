@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::algorithms::AlgSet;
 use super::keys::decode_jwks;
 use super::remote::{FetchFuture, KeySource};
-use super::settings::{JwtSettings, VerifierConfig};
+use super::settings::{JwtSettings, KeyFile, VerifierConfig};
 use super::verify::JwtVerifier;
 
 pub(crate) const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef"; // 32 bytes
@@ -125,6 +125,14 @@ test_key!(ec_b, &rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256);
 test_key!(ec_c, &rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256);
 test_key!(ec384, &rcgen::PKCS_ECDSA_P384_SHA384, Algorithm::ES384);
 test_key!(ed, &rcgen::PKCS_ED25519, Algorithm::EdDSA);
+
+/// A `public_key` or `jwks` file as the config layer reads it.
+pub(crate) fn key_file(name: &str, contents: impl Into<Vec<u8>>) -> Option<KeyFile> {
+    Some(KeyFile {
+        name: name.to_string(),
+        contents: contents.into(),
+    })
+}
 
 pub(crate) fn jwks(keys: &[Value]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "keys": keys })).unwrap()

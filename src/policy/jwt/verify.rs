@@ -436,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn rs256_via_public_key() {
         let mut s = settings(&["RS256"]);
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         let v = verifier(s);
         assert!(v.verify(&rsa().token(None, &claims())).await.is_ok());
         // The PEM key has no kid: it also serves tokens whose kid no set knows.
@@ -450,7 +450,7 @@ mod tests {
     #[tokio::test]
     async fn ps256_and_rs384_with_one_rsa_key() {
         let mut s = settings(&["PS256", "RS384"]);
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         let v = verifier(s);
         for alg in [Algorithm::PS256, Algorithm::RS384] {
             let t = sign(alg, &rsa().enc, None, &claims());
@@ -463,7 +463,7 @@ mod tests {
     #[tokio::test]
     async fn es256_via_jwks_by_kid() {
         let mut s = settings(&["ES256"]);
-        s.jwks_json = Some(jwks(&[ec_a().jwk("a"), ec_b().jwk("b")]));
+        s.jwks = key_file("keys.json", jwks(&[ec_a().jwk("a"), ec_b().jwk("b")]));
         let v = verifier(s);
         assert!(v.verify(&ec_a().token(Some("a"), &claims())).await.is_ok());
         assert!(v.verify(&ec_b().token(Some("b"), &claims())).await.is_ok());
@@ -482,7 +482,7 @@ mod tests {
     #[tokio::test]
     async fn jwks_with_one_key_serves_tokens_without_kid() {
         let mut s = settings(&["ES256"]);
-        s.jwks_json = Some(jwks(&[ec_a().jwk("a")]));
+        s.jwks = key_file("keys.json", jwks(&[ec_a().jwk("a")]));
         let v = verifier(s);
         assert!(v.verify(&ec_a().token(None, &claims())).await.is_ok());
     }
@@ -490,7 +490,7 @@ mod tests {
     #[tokio::test]
     async fn es384_via_public_key() {
         let mut s = settings(&["ES384"]);
-        s.public_key_pem = Some(ec384().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", ec384().public_pem.clone().into_bytes());
         let v = verifier(s);
         assert!(v.verify(&ec384().token(None, &claims())).await.is_ok());
     }
@@ -498,7 +498,7 @@ mod tests {
     #[tokio::test]
     async fn eddsa_via_public_key_and_jwks() {
         let mut s = settings(&["EdDSA"]);
-        s.public_key_pem = Some(ed().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", ed().public_pem.clone().into_bytes());
         assert!(
             verifier(s)
                 .verify(&ed().token(None, &claims()))
@@ -507,7 +507,7 @@ mod tests {
         );
 
         let mut s = settings(&["EdDSA"]);
-        s.jwks_json = Some(jwks(&[ed().jwk("ed")]));
+        s.jwks = key_file("keys.json", jwks(&[ed().jwk("ed")]));
         assert!(
             verifier(s)
                 .verify(&ed().token(Some("ed"), &claims()))
@@ -527,7 +527,7 @@ mod tests {
     async fn mixed_hs_and_rs_with_both_keys() {
         let mut s = settings(&["HS256", "RS256"]);
         s.secret = Some(SECRET.to_vec());
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         let v = verifier(s);
         assert!(v.verify(&hs(&claims())).await.is_ok());
         assert!(v.verify(&rsa().token(None, &claims())).await.is_ok());
@@ -656,7 +656,7 @@ mod tests {
         assert_eq!(v.verify(&spliced).await, Err(TokenError::BadSignature));
 
         let mut s = settings(&["RS256"]);
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         let rv = verifier(s);
         let t = rsa().token(None, &claims());
         let parts: Vec<&str> = t.split('.').collect();
@@ -721,7 +721,7 @@ mod tests {
     #[tokio::test]
     async fn alg_confusion_rs256_key_as_hmac_secret() {
         let mut s = settings(&["RS256"]);
-        s.public_key_pem = Some(rsa().public_pem.clone().into_bytes());
+        s.public_key = key_file("key.pem", rsa().public_pem.clone().into_bytes());
         let v = verifier(s);
         let forged = sign(
             Algorithm::HS256,
@@ -738,7 +738,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_kid() {
         let mut s = settings(&["ES256"]);
-        s.jwks_json = Some(jwks(&[ec_a().jwk("a")]));
+        s.jwks = key_file("keys.json", jwks(&[ec_a().jwk("a")]));
         let v = verifier(s);
         assert_eq!(
             v.verify(&ec_a().token(Some("nope"), &claims())).await,
@@ -858,17 +858,20 @@ mod tests {
         let mut good_rsa = rsa().jwk("rsa");
         good_rsa.as_object_mut().unwrap().remove("alg");
         let mut s = settings(&["ES256", "RS256", "RS384"]);
-        s.jwks_json = Some(jwks(&[
-            enc,
-            other_alg,
-            no_verify_op,
-            garbage,
-            unknown_kty,
-            p521,
-            oct,
-            ec_c().jwk("good"),
-            good_rsa,
-        ]));
+        s.jwks = key_file(
+            "keys.json",
+            jwks(&[
+                enc,
+                other_alg,
+                no_verify_op,
+                garbage,
+                unknown_kty,
+                p521,
+                oct,
+                ec_c().jwk("good"),
+                good_rsa,
+            ]),
+        );
         let v = verifier(s);
         assert_eq!(v.config.file_keys.len(), 3); // rs384 (kept, for RS384 only), good, rsa
         assert!(
