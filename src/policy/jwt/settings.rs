@@ -315,12 +315,6 @@ impl VerifierConfig {
         })
     }
 
-    /// Does nothing: `Runtime::build` starts the `jwks_url` fetcher now.
-    /// Kept only because `src/server.rs`, being split on another branch,
-    /// still calls it and must not be edited here; delete it together with
-    /// those two calls once both branches are merged.
-    pub fn start_background(&self) {}
-
     /// One line describing what this verifier accepts, for `portcullis
     /// check` and logs. Holds no secret.
     pub fn summary(&self) -> String {
