@@ -206,9 +206,9 @@ fn check_refuses_a_key_that_does_not_match_the_certificate() {
 }
 
 /// Runs `check` on a configuration whose `[jwt] key` names `certs/broken`,
-/// a file holding `contents`; asserts exit 2 with that value's place and
-/// key, and returns stderr.
-fn broken_key_file(key: &str, contents: &str) -> String {
+/// a file holding `contents`: exit 2, with that value's place, the key, the
+/// file and then `why`.
+fn assert_broken_key_file(key: &str, contents: &str, why: &str) {
     let dir = tempfile::tempdir().unwrap();
     gen_cert(dir.path());
     std::fs::write(dir.path().join("certs/broken"), contents).unwrap();
@@ -221,41 +221,25 @@ fn broken_key_file(key: &str, contents: &str) -> String {
     let output = run(portcullis(&["check", "--config", config.to_str().unwrap()]));
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     let (line, col) = position(&text, "\"certs/broken\"");
+    let expected = format!(
+        "{}:{line}:{col}: jwt.{key}: certs/broken: {why}",
+        config.display()
+    );
     let err = stderr(&output);
-    let place = format!("{}:{line}:{col}: jwt.{key}: ", config.display());
-    assert!(err.contains(&place), "expected {place:?} in {err:?}");
-    err
+    assert!(err.contains(&expected), "expected {expected:?} in {err:?}");
 }
 
 #[test]
 fn check_names_the_file_of_a_broken_jwks() {
-    let err = broken_key_file("jwks", "<html>not json</html>");
-    assert!(
-        err.contains("jwt.jwks: certs/broken: not a JWKS document ("),
-        "{err}"
-    );
-    let err = broken_key_file("jwks", r#"{"keys": []}"#);
-    assert!(
-        err.contains("jwt.jwks: certs/broken: holds no key usable"),
-        "{err}"
-    );
+    assert_broken_key_file("jwks", "<html>not json</html>", "not a JWKS document (");
+    assert_broken_key_file("jwks", r#"{"keys": []}"#, "holds no key usable");
 }
 
 #[test]
 fn check_names_the_file_of_a_broken_public_key() {
-    let err = broken_key_file("public_key", "hello");
-    assert!(
-        err.contains("jwt.public_key: certs/broken: is not a PEM file"),
-        "{err}"
-    );
-    let err = broken_key_file(
-        "public_key",
-        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-    );
-    assert!(
-        err.contains("jwt.public_key: certs/broken: holds a private key"),
-        "{err}"
-    );
+    assert_broken_key_file("public_key", "hello", "is not a PEM file");
+    let private = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    assert_broken_key_file("public_key", private, "holds a private key");
 }
 
 #[test]
