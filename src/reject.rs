@@ -101,9 +101,9 @@ impl Rejection {
     /// judgement on the client (the upstream's faults).
     pub fn reason(&self) -> Option<&'static str> {
         match self {
-            Rejection::Upstream(_)
-            | Rejection::RateLimitUnavailable
-            | Rejection::ClientAborted => None,
+            Rejection::Upstream(_) | Rejection::RateLimitUnavailable | Rejection::ClientAborted => {
+                None
+            }
             Rejection::BadRequest(_) => Some("invalid_request"),
             other => Some(other.code()),
         }
