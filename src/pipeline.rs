@@ -313,13 +313,14 @@ async fn authenticate(
     route: &RouteRuntime,
     parts: &Parts,
 ) -> Result<VerifiedToken, Rejection> {
-    let jwt = ctx
+    let jwt = ctx.runtime.jwt.as_ref().ok_or(Rejection::MissingToken)?;
+    let token_cookie = ctx
         .runtime
         .config
         .jwt
         .as_ref()
-        .ok_or(Rejection::MissingToken)?;
-    let token = match extract_token(&parts.headers, jwt.token_cookie.as_deref()) {
+        .and_then(|settings| settings.token_cookie.as_deref());
+    let token = match extract_token(&parts.headers, token_cookie) {
         TokenSource::Found(token) => token,
         TokenSource::Missing => return Err(Rejection::MissingToken),
         TokenSource::Invalid => {

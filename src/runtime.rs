@@ -1,12 +1,15 @@
 //! The ready-to-serve state built from a validated [`Config`]: route table
 //! with limiters, response filters, TLS acceptor, one upstream pool per
-//! worker. Built once per configuration and swapped whole on reload
+//! worker, the JWT verifier and its `jwks_url` fetcher. The configuration
+//! is plain data; every live object is made here. Built once per
+//! configuration and swapped whole on reload
 //! ([`Shared::runtime`] is an `ArcSwap`), so a request sees one consistent
 //! generation from start to end.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use tokio::sync::Semaphore;
@@ -16,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::filters::ResponseFilters;
+use crate::policy::jwt::{JwtVerifier, KeyFetcher, RemoteKeys, VerifierConfig};
 use crate::policy::method;
 use crate::policy::rate_limit::RouteLimiter;
 use crate::routes::{RouteRuntime, RouteTable};
@@ -31,12 +35,42 @@ pub struct Runtime {
     pub upstreams: Vec<UpstreamClient>,
     /// `forward_claims` header names, removed from every client request.
     pub identity_headers: Vec<HeaderName>,
+    /// The verifier and its key fetcher; `None` without `[jwt]`.
+    pub jwt: Option<JwtRuntime>,
+}
+
+/// The live side of `[jwt]`.
+pub struct JwtRuntime {
+    pub verifier: JwtVerifier,
+    /// Keeps the `jwks_url` keys fresh; goes with this runtime generation,
+    /// and dropping it stops the task.
+    _fetcher: Option<KeyFetcher>,
+}
+
+impl JwtRuntime {
+    /// The verifier, and with `jwks_url` its fetcher, started now; requests
+    /// that need the fetched keys wait for the start fetch.
+    fn build(config: &VerifierConfig) -> anyhow::Result<JwtRuntime> {
+        let remote = RemoteKeys::for_jwks_url(config);
+        let fetcher = remote
+            .as_ref()
+            .map(KeyFetcher::start)
+            .transpose()
+            .context("jwt.jwks_url: cannot start the key fetcher")?;
+        Ok(JwtRuntime {
+            verifier: JwtVerifier::new(config.clone(), remote),
+            _fetcher: fetcher,
+        })
+    }
 }
 
 impl Runtime {
     /// Builds the runtime. `previous` lets a reload keep what did not change:
     /// a route's limiter (and its counts) when its limit is the same, and the
-    /// upstream pools when `[upstream]` is the same.
+    /// upstream pools when `[upstream]` is the same. The JWT verifier is
+    /// always new: a reload re-reads the secret and the key files, refetches
+    /// `jwks_url` at once, and empties the verified-token cache (which the
+    /// README promises).
     pub fn build(
         config: Config,
         workers: usize,
@@ -85,12 +119,18 @@ impl Runtime {
             .as_ref()
             .map(|jwt| jwt.forward_claims.iter().map(|(_, h)| h.clone()).collect())
             .unwrap_or_default();
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|jwt| JwtRuntime::build(&jwt.verifier))
+            .transpose()?;
         Ok(Runtime {
             filters: ResponseFilters::from_config(&config),
             tls,
             routes: RouteTable::new(routes, metrics, config.server.case_insensitive_routes),
             upstreams,
             identity_headers,
+            jwt,
             config,
         })
     }

@@ -205,6 +205,70 @@ fn check_refuses_a_key_that_does_not_match_the_certificate() {
     );
 }
 
+/// Runs `check` on a configuration whose `[jwt] key` names `certs/broken`,
+/// a file holding `contents`: exit 2, with that value's place, the key, the
+/// file and then `why`.
+fn assert_broken_key_file(key: &str, contents: &str, why: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    gen_cert(dir.path());
+    std::fs::write(dir.path().join("certs/broken"), contents).unwrap();
+    let text = format!(
+        "{}\n[jwt]\nalgorithms = [\"ES256\"]\n{key} = \"certs/broken\"\n",
+        minimal("certs/cert.pem", "", "")
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, &text).unwrap();
+    let output = run(portcullis(&["check", "--config", config.to_str().unwrap()]));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let (line, col) = position(&text, "\"certs/broken\"");
+    let expected = format!(
+        "{}:{line}:{col}: jwt.{key}: certs/broken: {why}",
+        config.display()
+    );
+    let err = stderr(&output);
+    assert!(err.contains(&expected), "expected {expected:?} in {err:?}");
+}
+
+#[test]
+fn check_names_the_file_of_a_broken_jwks() {
+    assert_broken_key_file("jwks", "<html>not json</html>", "not a JWKS document (");
+    assert_broken_key_file("jwks", r#"{"keys": []}"#, "holds no key usable");
+}
+
+#[test]
+fn check_names_the_file_of_a_broken_public_key() {
+    assert_broken_key_file("public_key", "hello", "is not a PEM file");
+    let private = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    assert_broken_key_file("public_key", private, "holds a private key");
+}
+
+#[test]
+fn check_never_fetches_jwks_url() {
+    let dir = tempfile::tempdir().unwrap();
+    gen_cert(dir.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let text = format!(
+        "{}\n[jwt]\nalgorithms = [\"ES256\"]\njwks_url = \"http://{}/jwks.json\"\n",
+        minimal("certs/cert.pem", "", ""),
+        listener.local_addr().unwrap()
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = run(portcullis(&["check", "--config", config.to_str().unwrap()]));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("jwks_url http://"),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(
+        listener.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "check connected to jwks_url"
+    );
+}
+
 #[test]
 fn run_refuses_to_start_without_its_certificate() {
     let dir = tempfile::tempdir().unwrap();

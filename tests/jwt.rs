@@ -2,7 +2,7 @@
 //! upstream see for `[jwt]` + `[[routes]] jwt = true` / `scopes`. SPEC:
 //! `[jwt]`, "Errors the proxy writes itself", "Forwarding" (forward_claims),
 //! Fine points "Tokens" and "JWKS URL". The verifier's unit tests in
-//! src/policy/jwt.rs cover the crypto in depth; here every case goes over
+//! src/policy/jwt/ cover the crypto in depth; here every case goes over
 //! TLS and is judged by status, JSON `error`, `WWW-Authenticate`, whether the
 //! upstream was reached, and the stdout events.
 //!
@@ -1348,15 +1348,58 @@ async fn jwks_url_refresh_replaces_the_whole_key_set() {
     server.serve(jwks(&[k2.jwk("k2")]));
     let changed_at = server.hits();
     assert!(eventually(Duration::from_secs(10), || server.hits() >= changed_at + 2).await);
+    assert_rotated(&proxy, &upstream, &k1, &k2, "after a refresh").await;
+    server.stop().await;
+}
+
+/// k1 has been withdrawn for k2, and the upstream has had one request:
+/// a k1 token is refused, a k2 token accepted.
+async fn assert_rotated(
+    proxy: &Proxy,
+    upstream: &Upstream,
+    k1: &TestKey,
+    k2: &TestKey,
+    when: &str,
+) {
     let token = k1.token(Some("k1"), &claims());
-    assert_invalid(&bearer(&proxy, &token).await, &token, "withdrawn k1");
+    assert_invalid(&bearer(proxy, &token).await, &token, &format!("k1 {when}"));
     assert_accepted(
-        &bearer(&proxy, &k2.token(Some("k2"), &claims())).await,
-        &upstream,
+        &bearer(proxy, &k2.token(Some("k2"), &claims())).await,
+        upstream,
         1,
         "alice",
-        "k2",
+        &format!("k2 {when}"),
     );
+}
+
+#[tokio::test]
+async fn a_reload_refetches_jwks_url_at_once_and_forgets_verified_tokens() {
+    let upstream = Upstream::start().await;
+    let (k1, k2) = (TestKey::p256(), TestKey::p256());
+    let server = JwksServer::start(jwks(&[k1.jwk("k1")])).await;
+    let proxy = start(&upstream, &jwks_url_config(&server.url, "1h"), ADMIN).await;
+    let token = k1.token(Some("k1"), &claims());
+    assert_accepted(&bearer(&proxy, &token).await, &upstream, 0, "alice", "k1");
+
+    // k1 is withdrawn; with the next refresh an hour away, only a reload
+    // makes the proxy see it at once. The file is unchanged.
+    server.serve(jwks(&[k2.jwk("k2")]));
+    let before = server.hits();
+    proxy.signal("HUP");
+    let refetched = eventually(Duration::from_secs(10), || server.hits() > before).await;
+    assert!(
+        refetched,
+        "no fetch after the reload; stderr:\n{}",
+        proxy.stderr_text()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .stderr_text()
+            .contains("configuration reloaded"))
+        .await
+    );
+    // k1 was verified (and cached) a moment ago.
+    assert_rotated(&proxy, &upstream, &k1, &k2, "after the reload").await;
     server.stop().await;
 }
 

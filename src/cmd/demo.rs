@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 
 use super::Failure;
-use crate::policy::jwt::{MintRequest, mint};
+use crate::cmd::token::{MintRequest, mint};
 
 /// Where the demo keeps its HS* secret, relative to the configuration's
 /// directory. A file rather than the demo's own environment so that

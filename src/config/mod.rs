@@ -22,7 +22,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::filters::cookies::CookiePolicy;
 use crate::policy::csrf::Origin;
-use crate::policy::jwt::JwtVerifier;
+use crate::policy::jwt::{JwtSettings, VerifierConfig};
 use crate::policy::rate_limit::RateLimitSpec;
 use crate::policy::schema::RouteSchema;
 
@@ -107,8 +107,10 @@ pub struct HeaderRules {
 
 pub struct Jwt {
     /// Kept for `portcullis token`, which signs with the same settings.
-    pub settings: crate::policy::jwt::JwtSettings,
-    pub verifier: Arc<JwtVerifier>,
+    pub settings: JwtSettings,
+    /// The same settings checked, every static key decoded; the runtime
+    /// builds the verifier (and its `jwks_url` fetcher) from it.
+    pub verifier: VerifierConfig,
     /// claim name → header sent upstream.
     pub forward_claims: Vec<(String, HeaderName)>,
     pub token_cookie: Option<String>,

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
 use crate::policy::csrf::Origin;
-use crate::policy::jwt::{JwtSettings, JwtVerifier};
+use crate::policy::jwt::{JwtSettings, KeyFile, VerifierConfig};
 use crate::policy::rate_limit::{KeySource, Rate, RateLimitSpec};
 use crate::policy::schema::RouteSchema;
 
@@ -433,6 +433,13 @@ fn headers(s: &file::HeadersSection) -> Result<HeaderRules> {
     })
 }
 
+fn key_file(key: &str, base_dir: &Path, name: &str) -> Result<KeyFile> {
+    Ok(KeyFile {
+        name: name.to_string(),
+        contents: read_file(key, base_dir, name)?,
+    })
+}
+
 fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
     let uses_hmac = s
         .algorithms
@@ -447,15 +454,15 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
         algorithms: s.algorithms.clone(),
         secret,
         secret_env: Some(s.secret_env.clone()),
-        public_key_pem: s
+        public_key: s
             .public_key
             .as_deref()
-            .map(|name| read_file("jwt.public_key", base_dir, name))
+            .map(|name| key_file("jwt.public_key", base_dir, name))
             .transpose()?,
-        jwks_json: s
+        jwks: s
             .jwks
             .as_deref()
-            .map(|name| read_file("jwt.jwks", base_dir, name))
+            .map(|name| key_file("jwt.jwks", base_dir, name))
             .transpose()?,
         jwks_url: s.jwks_url.clone(),
         jwks_refresh: s.jwks_refresh.0,
@@ -479,7 +486,7 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
         }
         forward_claims.push((claim.clone(), name));
     }
-    let verifier = JwtVerifier::new(settings.clone())
+    let verifier = VerifierConfig::new(settings.clone())
         .map_err(|e| invalid(format!("jwt.{}", e.key), e.message))?;
     if let Some(cookie) = &s.token_cookie
         && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
@@ -491,7 +498,7 @@ fn jwt(s: &file::JwtSection, base_dir: &Path) -> Result<Jwt> {
     }
     Ok(Jwt {
         settings,
-        verifier: Arc::new(verifier),
+        verifier,
         forward_claims,
         token_cookie: s.token_cookie.clone(),
     })

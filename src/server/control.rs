@@ -55,9 +55,6 @@ pub fn reload(shared: &Arc<Shared>, config_path: &std::path::Path) {
     }
     match Runtime::build(config, shared.workers, Some(&current), &shared.metrics) {
         Ok(runtime) => {
-            if let Some(jwt) = &runtime.config.jwt {
-                jwt.verifier.start_background();
-            }
             shared.runtime.store(Arc::new(runtime));
             tracing::info!("configuration reloaded");
         }

@@ -129,9 +129,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     control.block_on(async move {
-        if let Some(jwt) = &shared.runtime.load().config.jwt {
-            jwt.verifier.start_background();
-        }
         if let Some(http) = http {
             tokio::spawn(redirect_listener::redirect_loop(
                 TcpListener::from_std(http)?,

@@ -2,12 +2,15 @@
 //! accepts, for trying protected routes with curl. With the HS* secret's
 //! variable unset, it signs with the secret `portcullis demo` keeps in
 //! `certs/demo-jwt-secret.key`, so a token minted in a second terminal is
-//! accepted by a running demo.
+//! accepted by a running demo. The signing itself is in `mint.rs`.
+
+mod mint;
 
 use std::path::Path;
 
+pub use mint::{MintRequest, mint, mint_with_kid};
+
 use super::Failure;
-use crate::policy::jwt::{MintRequest, mint};
 
 pub fn token(
     config_path: &Path,

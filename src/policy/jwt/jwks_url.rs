@@ -1,0 +1,294 @@
+//! `jwks_url`: the URL checked once at load, and the [`KeySource`] that
+//! fetches it — one HTTP/1.1 GET per fetch, the body decoded as a JWKS.
+//! Plain `http://` only for now.
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONNECTION, HOST, USER_AGENT};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+
+use super::algorithms::AlgSet;
+use super::keys::decode_jwks;
+use super::remote::{FetchFuture, KeySource};
+use super::settings::{JwtConfigError, config_err};
+
+/// Largest JWKS document accepted from `jwks_url`.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// A parsed `jwks_url`.
+#[derive(Debug, Clone)]
+pub(super) struct JwksUrl {
+    /// As configured, for logs.
+    pub(super) text: String,
+    /// Host to connect to, IPv6 brackets removed.
+    host: String,
+    port: u16,
+    /// `Host` header value.
+    authority: String,
+    path_and_query: String,
+}
+
+pub(super) fn parse_jwks_url(text: &str) -> Result<JwksUrl, JwtConfigError> {
+    let bad = |why: &str| config_err("jwks_url", format!("\"{text}\" {why}"));
+    let uri: Uri = text.parse().map_err(|_| bad("is not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(config_err("jwks_url", "https is not supported yet"));
+        }
+        _ => return Err(bad("must start with http://")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("must not contain credentials"));
+    }
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    Ok(JwksUrl {
+        text: text.to_string(),
+        host: host.to_string(),
+        port: authority.port_u16().unwrap_or(80),
+        authority: authority.as_str().to_string(),
+        path_and_query: uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+    })
+}
+
+/// One HTTP/1.1 GET on a fresh connection. No pool: a fetch happens every few
+/// minutes, and a fresh connection keeps the fetch independent of whichever
+/// tokio runtime runs it (verify may be called from several).
+async fn http_get(url: &JwksUrl, max_bytes: usize) -> Result<Bytes, String> {
+    let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let req = Request::get(url.path_and_query.as_str())
+        .header(HOST, url.authority.as_str())
+        .header(ACCEPT, "application/jwk-set+json, application/json")
+        .header(USER_AGENT, "portcullis")
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let exchange = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        if resp.status() != StatusCode::OK {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), max_bytes)
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        Ok(body.to_bytes())
+    };
+    tokio::pin!(exchange);
+    // The connection future must be polled for the exchange to progress; it
+    // may also finish first (server closed after the body), in which case
+    // the exchange still completes from what was already read.
+    tokio::select! {
+        r = &mut exchange => r,
+        c = conn => match c {
+            Ok(()) => exchange.await,
+            Err(e) => Err(format!("connection: {e}")),
+        },
+    }
+}
+
+/// The key source for `jwks_url`.
+pub struct HttpJwks {
+    url: JwksUrl,
+    /// Keys for other algorithms are skipped as the document is decoded.
+    allowed: AlgSet,
+    max_bytes: usize,
+}
+
+impl HttpJwks {
+    pub(super) fn new(url: JwksUrl, allowed: AlgSet) -> HttpJwks {
+        HttpJwks {
+            url,
+            allowed,
+            max_bytes: MAX_JWKS_BYTES,
+        }
+    }
+}
+
+impl KeySource for HttpJwks {
+    fn fetch(&self) -> FetchFuture<'_> {
+        Box::pin(async move {
+            let body = http_get(&self.url, self.max_bytes).await?;
+            decode_jwks(&body, self.allowed, &self.url.text)
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.url.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::policy::jwt::test_support::*;
+
+    #[test]
+    fn url_parts() {
+        let url = parse_jwks_url("http://[::1]:4000/.well-known/jwks.json?x=1").unwrap();
+        assert_eq!((url.host.as_str(), url.port), ("::1", 4000));
+        assert_eq!(url.authority, "[::1]:4000");
+        assert_eq!(url.path_and_query, "/.well-known/jwks.json?x=1");
+
+        let url = parse_jwks_url("http://idp.internal").unwrap();
+        assert_eq!((url.host.as_str(), url.port), ("idp.internal", 80));
+        assert_eq!(url.path_and_query, "/");
+    }
+
+    #[test]
+    fn url_refusals() {
+        let e = parse_jwks_url("https://auth.example.com/jwks.json").unwrap_err();
+        assert_eq!(e.to_string(), "jwks_url: https is not supported yet");
+        for bad in [
+            "ftp://x/y",
+            "not a url",
+            "http:///nohost",
+            "http://u:p@host/x",
+        ] {
+            let e = parse_jwks_url(bad).unwrap_err();
+            assert_eq!(e.key, "jwks_url", "{bad}");
+            assert!(e.message.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    /// A JWKS server on 127.0.0.1:0 answering every GET of
+    /// `/.well-known/jwks.json` with `status` and `body`.
+    struct JwksServer {
+        url: String,
+        state: Arc<Mutex<(u16, Vec<u8>)>>,
+        hits: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl JwksServer {
+        async fn start(body: Vec<u8>) -> JwksServer {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!(
+                "http://{}/.well-known/jwks.json",
+                listener.local_addr().unwrap()
+            );
+            let state = Arc::new(Mutex::new((200u16, body)));
+            let hits = Arc::new(AtomicUsize::new(0));
+            let (st, h) = (state.clone(), hits.clone());
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((mut sock, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (st, h) = (st.clone(), h.clone());
+                    tokio::spawn(async move {
+                        let mut req = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match sock.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => req.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        assert!(req.starts_with(b"GET /.well-known/jwks.json HTTP/1.1\r\n"));
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let (status, body) = st.lock().unwrap().clone();
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = sock.write_all(head.as_bytes()).await;
+                        let _ = sock.write_all(&body).await;
+                        let _ = sock.shutdown().await;
+                    });
+                }
+            });
+            JwksServer {
+                url,
+                state,
+                hits,
+                task,
+            }
+        }
+
+        fn serve(&self, status: u16, body: Vec<u8>) {
+            *self.state.lock().unwrap() = (status, body);
+        }
+
+        fn source(&self) -> HttpJwks {
+            let allowed = AlgSet::of(jsonwebtoken::Algorithm::ES256);
+            HttpJwks::new(parse_jwks_url(&self.url).unwrap(), allowed)
+        }
+    }
+
+    impl Drop for JwksServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetch_is_one_get_decoded_as_a_jwks() {
+        let server = JwksServer::start(jwks(&[ec_a().jwk("a"), rsa().jwk("r")])).await;
+        let set = server.source().fetch().await.unwrap();
+        // The RSA key fits no allowed algorithm and is skipped.
+        assert_eq!(set.len(), 1);
+        assert!(set.has_kid("a"));
+        assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_says_why() {
+        let server = JwksServer::start(Vec::new()).await;
+        let source = server.source();
+        server.serve(500, b"oops".to_vec());
+        let e = source.fetch().await.err().unwrap();
+        assert!(e.contains("status 500"), "{e}");
+
+        server.serve(200, b"<html>maintenance</html>".to_vec());
+        let e = source.fetch().await.err().unwrap();
+        assert!(e.contains("not a JWKS document"), "{e}");
+
+        server.serve(200, jwks(&[ec_a().jwk("a")]));
+        let small = HttpJwks {
+            max_bytes: 64,
+            ..server.source()
+        };
+        let e = small.fetch().await.err().unwrap();
+        assert!(e.starts_with("body"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_failed_fetch() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        drop(listener);
+        let source = HttpJwks::new(
+            parse_jwks_url(&url).unwrap(),
+            AlgSet::of(jsonwebtoken::Algorithm::ES256),
+        );
+        let e = source.fetch().await.err().unwrap();
+        assert!(e.starts_with("connect"), "{e}");
+        assert_eq!(source.name(), url);
+    }
+}
