@@ -198,6 +198,7 @@ mod tests {
                 ..FetchOptions::default()
             },
         );
+        let remote = std::sync::Arc::new(remote);
         assert!(remote.refetch_for_kid("a").await);
         let cache = TokenCache::new(30);
         let t = token(now() + 300);

@@ -30,6 +30,10 @@ const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait before retrying while no fetch has ever succeeded (backing
 /// off from 1 s); after a success, retries follow `jwks_refresh`.
 const MAX_INITIAL_RETRY: Duration = Duration::from_secs(60);
+/// The longest a request with an unknown `kid` waits for the fetch it
+/// triggered (or found running) before its 401: the fetch itself may take
+/// up to its own timeout, and goes on without the requests that wait.
+pub const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
 
 /// What [`KeySource::fetch`] returns.
 pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<KeySet, String>> + Send + 'a>>;
@@ -81,6 +85,8 @@ pub struct RemoteKeys {
     /// A fetch has succeeded at least once.
     loaded: AtomicBool,
     fetch: Arc<tokio::sync::Mutex<FetchState>>,
+    /// Counts finished fetches, so callers can wait for the one under way.
+    fetches_done: tokio::sync::watch::Sender<u64>,
 }
 
 impl RemoteKeys {
@@ -94,6 +100,7 @@ impl RemoteKeys {
             keys: ArcSwap::from_pointee(KeySet::default()),
             loaded: AtomicBool::new(false),
             fetch: Arc::new(tokio::sync::Mutex::new(FetchState::default())),
+            fetches_done: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -130,6 +137,7 @@ impl RemoteKeys {
             Ok(result) => result,
             Err(_) => Err(format!("timed out after {:?}", self.fetch_timeout)),
         };
+        self.fetches_done.send_modify(|done| *done += 1);
         match result {
             Ok(set) => {
                 if set.is_empty() {
@@ -148,22 +156,34 @@ impl RemoteKeys {
         }
     }
 
-    /// The unknown-`kid` path: refetch unless one happened within
-    /// `min_refetch_interval`. Concurrent callers queue on the lock and, once
-    /// through, see the set the first one fetched. Returns whether a retry of
-    /// the lookup can succeed.
-    pub(super) async fn refetch_for_kid(&self, kid: &str) -> bool {
-        let mut state = self.fetch.lock().await;
+    /// The unknown-`kid` path: starts a refetch unless one happened within
+    /// `min_refetch_interval`, on a task of its own, and waits for it — or
+    /// for the fetch already under way (the start fetch, a refresh, another
+    /// caller's) — for at most [`UNKNOWN_KID_WAIT`]. Concurrent callers share
+    /// that one fetch, and an unreachable JWKS endpoint costs each of them
+    /// two seconds, not the fetch timeout. Returns whether a retry of the
+    /// lookup can succeed.
+    pub(super) async fn refetch_for_kid(self: &Arc<Self>, kid: &str) -> bool {
         if self.keys.load().has_kid(kid) {
             return true;
         }
-        if let Some(last) = state.last_on_demand
-            && last.elapsed() < self.min_refetch_interval
-        {
-            return false;
+        let mut done = self.fetches_done.subscribe();
+        if let Ok(mut state) = self.fetch.clone().try_lock_owned() {
+            if state
+                .last_on_demand
+                .is_some_and(|last| last.elapsed() < self.min_refetch_interval)
+            {
+                return false;
+            }
+            state.last_on_demand = Some(Instant::now());
+            let remote = Arc::clone(self);
+            tokio::spawn(async move {
+                let _state = state;
+                remote.fetch_locked("unknown kid").await;
+            });
         }
-        state.last_on_demand = Some(Instant::now());
-        self.fetch_locked("unknown kid").await && self.keys.load().has_kid(kid)
+        let _ = tokio::time::timeout(UNKNOWN_KID_WAIT, done.changed()).await;
+        self.keys.load().has_kid(kid)
     }
 
     /// The refresh task: the start fetch (whose lock `start` already holds,
@@ -336,6 +356,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unreachable_jwks_costs_an_unknown_kid_two_seconds_not_the_fetch_timeout() {
+        let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
+        let keys = remote(&source, HOUR, Duration::ZERO);
+        source.delay(Duration::from_secs(5));
+        let started = Instant::now();
+        let waits: Vec<_> = (0..20)
+            .map(|i| {
+                let keys = keys.clone();
+                tokio::spawn(async move { keys.refetch_for_kid(&format!("k{i}")).await })
+            })
+            .collect();
+        for wait in waits {
+            assert!(!wait.await.unwrap());
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= UNKNOWN_KID_WAIT && waited < UNKNOWN_KID_WAIT + Duration::from_secs(2),
+            "waited {waited:?}"
+        );
+        assert_eq!(source.fetches(), 1, "twenty callers, one fetch under way");
+    }
+
+    #[tokio::test]
     async fn failed_refreshes_keep_the_last_good_set() {
         let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
         let keys = remote(&source, Duration::from_millis(20), Duration::ZERO);
@@ -359,7 +402,7 @@ mod tests {
             min_refetch_interval: Duration::ZERO,
             fetch_timeout: Duration::from_millis(50),
         };
-        let keys = RemoteKeys::new(source.clone(), HOUR, options);
+        let keys = Arc::new(RemoteKeys::new(source.clone(), HOUR, options));
         assert!(!keys.refetch_for_kid("a").await);
         assert!(!keys.is_loaded());
         assert!(keys.current().is_empty());
