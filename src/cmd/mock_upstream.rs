@@ -8,6 +8,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/set-cookie?name=value&...` | the echo, plus one `Set-Cookie` per pair (percent-decoded) |
+//! | `/headers?Name=value&...` | the echo, plus each pair (percent-decoded) as a response header; a name given twice is sent twice (framing headers → 400) |
 //! | `/status/NNN` | the echo with that status (1xx or invalid → 400; no body for 204/304) |
 //! | `/delay/MS` | the echo after MS milliseconds (at most 60 s) |
 //! | `/download/BYTES` | BYTES of `application/octet-stream` (at most 1 GiB); byte `i` is `i % 256` |
@@ -18,7 +19,14 @@
 //! pull tens of megabytes through the proxy. Every response carries
 //! `x-mock-request-count` (requests seen by this server) and
 //! `x-mock-connection-requests` (requests seen on this TCP connection), which
-//! lets tests check that the proxy reuses upstream connections.
+//! lets tests check that the proxy reuses upstream connections; and, as an
+//! application would leak them, `Server` and `X-Powered-By` (unless
+//! `/headers` names them), which the proxy's default `[headers] remove`
+//! drops.
+//!
+//! [`serve_with`] can also hand every request to a recorder
+//! ([`RecordedRequest`]: its head, body length and first 64 KiB of body),
+//! which is how the integration tests see what the proxy forwarded.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,7 +41,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -61,6 +69,12 @@ const CHUNK_BYTES: usize = 64 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (typically EMFILE) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How much of a request body a [`RecordedRequest`] keeps.
+pub const RECORDED_BODY_BYTES: usize = 64 * 1024;
+/// The `Server` header on every answer, as an application would send one.
+pub const SERVER: &str = concat!("portcullis-mock-upstream/", env!("CARGO_PKG_VERSION"));
+/// The `X-Powered-By` header on every answer, as a framework would add one.
+pub const POWERED_BY: &str = "hyper";
 
 /// Every download chunk is a slice of this one static buffer, so a download
 /// allocates nothing per chunk. As the length is a multiple of 256, byte `i`
@@ -78,16 +92,73 @@ const fn pattern() -> [u8; CHUNK_BYTES] {
     bytes
 }
 
+/// One request as the mock received it, handed to [`Options::recorder`]
+/// once its body has been read and before it is answered.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: Method,
+    /// Path and query exactly as received on the wire.
+    pub target: String,
+    pub headers: HeaderMap,
+    /// The whole body's length.
+    pub body_len: u64,
+    /// The body's first [`RECORDED_BODY_BYTES`] bytes.
+    pub body: Vec<u8>,
+    /// Which TCP connection it came on: 1 for the server's first, counted
+    /// as connections are accepted.
+    pub connection: u64,
+}
+
+/// Receives every request the mock answers (see [`RecordedRequest`]).
+pub type Recorder = Arc<dyn Fn(RecordedRequest) + Send + Sync>;
+
+/// What [`serve_with`] adds to [`serve`].
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Called with each request before it is answered. Bodies are still
+    /// streamed: only their first [`RECORDED_BODY_BYTES`] are kept.
+    pub recorder: Option<Recorder>,
+}
+
 /// State shared by every connection of one `serve` call.
 struct Shared {
     /// Counted per server rather than per process so that tests running
     /// several servers in one process can make exact assertions; in the
     /// binary there is one server, so it is the process-wide count.
     requests: AtomicU64,
+    /// Connections accepted so far, numbering [`RecordedRequest::connection`].
+    connections: AtomicU64,
+    recorder: Option<Recorder>,
     /// Changes (its sender is dropped) when the server shuts down; upgraded
     /// WebSocket connections are outside hyper's graceful shutdown and
     /// watch this instead.
     stop: watch::Receiver<()>,
+}
+
+impl Shared {
+    /// Hands the request to the recorder, if there is one.
+    fn record(&self, head: &Parts, body_len: u64, body: Vec<u8>, connection: u64) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        recorder(RecordedRequest {
+            method: head.method.clone(),
+            target: head
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+            headers: head.headers.clone(),
+            body_len,
+            body,
+            connection,
+        });
+    }
+}
+
+/// One TCP connection's place and count.
+struct Connection {
+    ordinal: u64,
+    requests: AtomicU64,
 }
 
 /// Serves the mock app on an already-bound listener until `shutdown` resolves.
@@ -95,9 +166,20 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, shutdown, Options::default()).await
+}
+
+/// As [`serve`], with [`Options`].
+pub async fn serve_with(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: Options,
+) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(());
     let shared = Arc::new(Shared {
         requests: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+        recorder: options.recorder,
         stop: stop_rx,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -118,7 +200,10 @@ pub async fn serve(
         };
         // Small JSON answers must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let on_connection = Arc::new(AtomicU64::new(0));
+        let on_connection = Arc::new(Connection {
+            ordinal: shared.connections.fetch_add(1, Ordering::Relaxed) + 1,
+            requests: AtomicU64::new(0),
+        });
         let shared = Arc::clone(&shared);
         let service = service_fn(move |request| {
             handle(request, Arc::clone(&shared), Arc::clone(&on_connection))
@@ -186,40 +271,57 @@ async fn shutdown_signal() {
 async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
-    on_connection: Arc<AtomicU64>,
+    connection: Arc<Connection>,
 ) -> Result<Response<MockBody>, Infallible> {
     let total = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let here = on_connection.fetch_add(1, Ordering::Relaxed) + 1;
-    let mut response = route(request, &shared).await;
+    let here = connection.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut response = route(request, &shared, connection.ordinal).await;
     let headers = response.headers_mut();
     headers.insert("x-mock-request-count", HeaderValue::from(total));
     headers.insert("x-mock-connection-requests", HeaderValue::from(here));
+    // `/headers` may have named these; its values stand.
+    headers
+        .entry(header::SERVER)
+        .or_insert(HeaderValue::from_static(SERVER));
+    headers
+        .entry("x-powered-by")
+        .or_insert(HeaderValue::from_static(POWERED_BY));
     Ok(response)
 }
 
-/// What the echo answer should look like besides the description itself.
+/// What the answer should look like besides the description itself.
 struct Plan {
     status: StatusCode,
-    set_cookies: Vec<HeaderValue>,
+    /// Added to the answer; each name replaces the answer's own value.
+    headers: Vec<(HeaderName, HeaderValue)>,
     delay: Option<Duration>,
+    /// `/download/BYTES` instead of the echo.
+    download: Option<u64>,
 }
 
-async fn route(request: Request<Incoming>, shared: &Shared) -> Response<MockBody> {
+async fn route(request: Request<Incoming>, shared: &Shared, connection: u64) -> Response<MockBody> {
     let mut plan = Plan {
         status: StatusCode::OK,
-        set_cookies: Vec::new(),
+        headers: Vec::new(),
         delay: None,
+        download: None,
     };
     let path = request.uri().path();
     if path == "/ws" {
         match websocket_key(request.headers(), request.method()) {
-            Upgrade::Valid(key) => return accept_websocket(request, &key, shared),
+            Upgrade::Valid(key) => {
+                // An upgrade request has no body; the upgrade itself rides
+                // in the extensions, which survive the round trip.
+                let (head, body) = request.into_parts();
+                shared.record(&head, 0, Vec::new(), connection);
+                return accept_websocket(Request::from_parts(head, body), &key, shared);
+            }
             Upgrade::Invalid => plan.status = StatusCode::BAD_REQUEST,
             Upgrade::NotAsked => {}
         }
     } else if let Some(length) = path.strip_prefix("/download/") {
         match parse_digits(length) {
-            Some(length) => return download(length.min(MAX_DOWNLOAD_BYTES)),
+            Some(length) => plan.download = Some(length.min(MAX_DOWNLOAD_BYTES)),
             None => plan.status = StatusCode::BAD_REQUEST,
         }
     } else if let Some(code) = path.strip_prefix("/status/") {
@@ -231,7 +333,12 @@ async fn route(request: Request<Incoming>, shared: &Shared) -> Response<MockBody
         }
     } else if path == "/set-cookie" {
         match set_cookies(request.uri().query()) {
-            Some(cookies) => plan.set_cookies = cookies,
+            Some(cookies) => plan.headers = cookies,
+            None => plan.status = StatusCode::BAD_REQUEST,
+        }
+    } else if path == "/headers" {
+        match response_headers(request.uri().query()) {
+            Some(headers) => plan.headers = headers,
             None => plan.status = StatusCode::BAD_REQUEST,
         }
     }
@@ -239,28 +346,41 @@ async fn route(request: Request<Incoming>, shared: &Shared) -> Response<MockBody
     // hyper only switches protocols on a 101.
 
     let (head, body) = request.into_parts();
-    let body_bytes = count_body(body).await;
+    let keep = if shared.recorder.is_some() {
+        RECORDED_BODY_BYTES
+    } else {
+        0
+    };
+    let (body_bytes, first_bytes) = read_body(body, keep).await;
+    shared.record(&head, body_bytes, first_bytes, connection);
+    if let Some(length) = plan.download {
+        return download(length);
+    }
     if let Some(delay) = plan.delay {
         tokio::time::sleep(delay).await;
     }
     echo_response(&head, body_bytes, plan)
 }
 
-/// Reads the request body to its end, keeping only its length.
-async fn count_body(mut body: Incoming) -> u64 {
+/// Reads the request body to its end, streaming: returns its length and its
+/// first `keep` bytes.
+async fn read_body(mut body: Incoming, keep: usize) -> (u64, Vec<u8>) {
     let mut total = 0u64;
+    let mut first = Vec::new();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
                     total += data.len() as u64;
+                    let room = keep - first.len();
+                    first.extend_from_slice(&data[..data.len().min(room)]);
                 }
             }
             // The client went away mid-body; nobody is left to read an answer.
             Err(_) => break,
         }
     }
-    total
+    (total, first)
 }
 
 fn echo_response(head: &Parts, body_bytes: u64, plan: Plan) -> Response<MockBody> {
@@ -292,8 +412,11 @@ fn echo_response(head: &Parts, body_bytes: u64, plan: Plan) -> Response<MockBody
             HeaderValue::from_static("application/json"),
         );
     }
-    for cookie in plan.set_cookies {
-        headers.append(header::SET_COOKIE, cookie);
+    for (name, _) in &plan.headers {
+        headers.remove(name);
+    }
+    for (name, value) in plan.headers {
+        headers.append(name, value);
     }
     response
 }
@@ -367,14 +490,39 @@ fn parse_status(code: &str) -> Option<StatusCode> {
     StatusCode::from_u16(code).ok()
 }
 
-/// One `Set-Cookie` value per `&`-separated pair, percent-decoded; `None`
-/// when a decoded value cannot be a header (a control character, say).
-fn set_cookies(query: Option<&str>) -> Option<Vec<HeaderValue>> {
+/// The `&`-separated parts of a query, empty ones left out.
+fn query_parts(query: Option<&str>) -> impl Iterator<Item = &str> {
     query
         .unwrap_or("")
         .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| HeaderValue::from_maybe_shared(Bytes::from(percent_decode(pair))).ok())
+        .filter(|part| !part.is_empty())
+}
+
+fn header_value(encoded: &str) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from(percent_decode(encoded))).ok()
+}
+
+/// One `Set-Cookie` per `&`-separated pair, percent-decoded; `None` when a
+/// decoded value cannot be a header (a control character, say).
+fn set_cookies(query: Option<&str>) -> Option<Vec<(HeaderName, HeaderValue)>> {
+    query_parts(query)
+        .map(|pair| Some((header::SET_COOKIE, header_value(pair)?)))
+        .collect()
+}
+
+/// One header per `Name=value` pair, both percent-decoded; `None` when one
+/// cannot be a header, or names `Content-Length` or `Transfer-Encoding`
+/// (the body the mock sends is framed by hyper, not by the query).
+fn response_headers(query: Option<&str>) -> Option<Vec<(HeaderName, HeaderValue)>> {
+    query_parts(query)
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = HeaderName::from_bytes(&percent_decode(name)).ok()?;
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                return None;
+            }
+            Some((name, header_value(value)?))
+        })
         .collect()
 }
 
@@ -594,12 +742,17 @@ mod tests {
 
     impl Server {
         async fn start() -> Server {
+            Self::start_with(Options::default()).await
+        }
+
+        async fn start_with(options: Options) -> Server {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(serve(listener, async move {
+            let shutdown = async move {
                 let _ = stopped.await;
-            }));
+            };
+            let task = tokio::spawn(serve_with(listener, shutdown, options));
             Server {
                 addr,
                 stop: Some(stop),
@@ -717,6 +870,114 @@ mod tests {
         let echo = json(&body);
         assert_eq!(echo["body_bytes"], (CHUNKS * CHUNK_BYTES) as u64);
         assert_eq!(echo["headers"]["transfer-encoding"], "chunked");
+        server.stop().await;
+    }
+
+    /// A recorder that keeps every request in order.
+    fn recording() -> (Options, Arc<std::sync::Mutex<Vec<RecordedRequest>>>) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let recorder: Recorder = Arc::new(move |request| sink.lock().unwrap().push(request));
+        let options = Options {
+            recorder: Some(recorder),
+        };
+        (options, seen)
+    }
+
+    #[tokio::test]
+    async fn a_recorder_sees_each_request_before_its_answer() {
+        const CHUNKS: usize = 40;
+        let (options, seen) = recording();
+        let server = Server::start_with(options).await;
+        let mut client = server.connect().await;
+        // Streamed (chunked) and larger than what is kept.
+        let chunks = futures_util::stream::iter(
+            (0..CHUNKS).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from_static(&PATTERN)))),
+        );
+        let request = Request::post("/upload?x=%20")
+            .header(header::HOST, "mock.test")
+            .header("x-seen", "yes")
+            .body(StreamBody::new(chunks))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        // Recorded by the time the answer arrives.
+        let upload = seen.lock().unwrap().last().cloned().expect("recorded");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(json(&body)["body_bytes"], (CHUNKS * CHUNK_BYTES) as u64);
+        assert_eq!(upload.method, Method::POST);
+        assert_eq!(upload.target, "/upload?x=%20");
+        assert_eq!(upload.headers["x-seen"], "yes");
+        assert_eq!(upload.body_len, (CHUNKS * CHUNK_BYTES) as u64);
+        assert_eq!(upload.body, PATTERN[..RECORDED_BODY_BYTES]);
+        assert_eq!(upload.connection, 1);
+
+        // A second connection, a WebSocket upgrade and a download are recorded too.
+        let mut other: http1::SendRequest<Full<Bytes>> = server.connect().await;
+        send(&mut other, get("/download/10")).await;
+        let (_socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .unwrap();
+        let seen: Vec<_> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.target.clone(), r.connection, r.body_len))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("/upload?x=%20".to_owned(), 1, (CHUNKS * CHUNK_BYTES) as u64),
+                ("/download/10".to_owned(), 2, 0),
+                ("/ws".to_owned(), 3, 0),
+            ]
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn answers_carry_server_headers_unless_headers_names_them() {
+        let server = Server::start().await;
+        let mut client = server.connect().await;
+        let (head, _) = send(&mut client, get("/")).await;
+        assert_eq!(header_str(&head, "server"), SERVER);
+        assert_eq!(header_str(&head, "x-powered-by"), POWERED_BY);
+        let (head, _) = send(&mut client, get("/headers?Server=app%2F2")).await;
+        assert_eq!(header_str(&head, "server"), "app/2");
+        assert_eq!(header_str(&head, "x-powered-by"), POWERED_BY);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn headers_answers_with_the_named_headers() {
+        let server = Server::start().await;
+        let mut client = server.connect().await;
+        let (head, body) = send(
+            &mut client,
+            get("/headers?X-Frame-Options=SAMEORIGIN&Cache-Control=public%2C%20max-age%3D60&&Cache-Control=immutable&X-Empty&Content-Type=text%2Fplain"),
+        )
+        .await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(header_str(&head, "x-frame-options"), "SAMEORIGIN");
+        let all = |name: &str| -> Vec<&str> {
+            let values = head.headers.get_all(name).iter();
+            values.map(|v| v.to_str().unwrap()).collect()
+        };
+        assert_eq!(all("cache-control"), ["public, max-age=60", "immutable"]);
+        assert_eq!(all("x-empty"), [""]);
+        // Named, it replaces the mock's own value rather than joining it.
+        assert_eq!(all("content-type"), ["text/plain"]);
+        assert_eq!(json(&body)["path"], "/headers");
+
+        for bad in [
+            "/headers?Content-Length=5",
+            "/headers?transfer-encoding=chunked",
+            "/headers?X-Bad=a%0D%0AX-Injected:%201",
+            "/headers?Bad%20Name=1",
+        ] {
+            let (head, _) = send(&mut client, get(bad)).await;
+            assert_eq!(head.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(head.headers.get("x-injected").is_none(), "{bad}");
+        }
         server.stop().await;
     }
 
