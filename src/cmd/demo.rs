@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use http::header;
 
 use super::Failure;
 use crate::cmd::token::{MintRequest, mint};
@@ -275,6 +276,17 @@ fn print_walkthrough(
     eprintln!("Try these in another terminal (the dev certificate is {cacert}):");
     eprintln!();
     eprintln!("  curl --cacert {cacert} -i {base}/hello");
+    let dropped: Vec<&str> = [header::SERVER.as_str(), "x-powered-by"]
+        .into_iter()
+        .filter(|name| config.headers.remove.iter().any(|r| r == name))
+        .collect();
+    if !dropped.is_empty() {
+        eprintln!(
+            "  curl -i http://{}/hello             # the app itself: it also sends {}, which the proxy drops",
+            config.upstream.authority,
+            dropped.join(" and ")
+        );
+    }
     if let Some(addr) = config.server.http_listen {
         eprintln!(
             "  curl -i http://localhost:{}/hello            # 308 to HTTPS",
