@@ -397,18 +397,6 @@ fn config_falls_back_to_the_environment_before_the_working_directory() {
 
 // ---- gen-cert ------------------------------------------------------------
 
-fn pem_der(pem: &str) -> Vec<u8> {
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .expect("PEM body")
-}
-
 #[test]
 fn gen_cert_writes_a_private_key_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
@@ -457,13 +445,7 @@ async fn gen_cert_default_names_are_served_by_the_proxy() {
     let out = dir.path().join("certs");
     let output = run(portcullis(&["gen-cert", "--out", out.to_str().unwrap()]));
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let pem = std::fs::read_to_string(out.join("cert.pem")).unwrap();
-    let cert = TestCert {
-        cert_path: out.join("cert.pem"),
-        key_path: out.join("key.pem"),
-        der: pem_der(&pem).into(),
-        pem,
-    };
+    let cert = TestCert::read(out.join("cert.pem"), out.join("key.pem")).expect("cert.pem");
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
@@ -498,7 +480,8 @@ fn gen_cert_takes_other_names() {
         "app.internal.test",
     ]));
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let der = pem_der(&std::fs::read_to_string(out.join("cert.pem")).unwrap());
+    let cert = TestCert::read(out.join("cert.pem"), out.join("key.pem")).expect("cert.pem");
+    let der = cert.der.as_ref();
     let needle = b"app.internal.test";
     assert!(der.windows(needle.len()).any(|w| w == needle));
     assert!(!der.windows(9).any(|w| w == b"localhost"));

@@ -458,19 +458,6 @@ impl Drop for Running {
     }
 }
 
-fn pem_der(pem: &str) -> Vec<u8> {
-    use base64::Engine;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .unwrap()
-}
-
 fn curl_binary() -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -538,13 +525,7 @@ async fn the_demo_serves_the_shipped_config_and_answers_curl() {
         "no certificate written; stderr:\n{}",
         stderr_text()
     );
-    let pem = std::fs::read_to_string(&cert_path).unwrap();
-    let cert = TestCert {
-        cert_path: cert_path.clone(),
-        key_path,
-        der: pem_der(&pem).into(),
-        pem,
-    };
+    let cert = TestCert::read(cert_path.clone(), key_path).expect("the written certificate");
     let client = TlsClient::new(&cert, format!("127.0.0.1:{https}").parse().unwrap());
 
     // Poll until the HTTPS port answers.

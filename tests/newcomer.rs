@@ -14,8 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{BIN, TestCert, TlsClient, eventually};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 /// A certificate and key for localhost that expired in 2001.
 fn write_expired_cert(certs: &Path) {
@@ -97,14 +95,7 @@ impl Drop for Demo {
 /// A TLS handshake that verifies the served certificate against the one in
 /// `certs/cert.pem` (so an expired one would fail).
 async fn try_connect(certs: &Path, port: u16) -> Option<TlsClient> {
-    let pem = std::fs::read_to_string(certs.join("cert.pem")).ok()?;
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
-    let cert = TestCert {
-        cert_path: certs.join("cert.pem"),
-        key_path: certs.join("key.pem"),
-        der,
-        pem,
-    };
+    let cert = TestCert::read(certs.join("cert.pem"), certs.join("key.pem"))?;
     let client = TlsClient::new(&cert, format!("127.0.0.1:{port}").parse().unwrap());
     let config = client.config(rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
     client.connect_with(config, "localhost").await.ok()?;

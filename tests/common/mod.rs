@@ -17,6 +17,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -45,6 +46,22 @@ pub struct TestCert {
     pub key_path: PathBuf,
     pub der: CertificateDer<'static>,
     pub pem: String,
+}
+
+impl TestCert {
+    /// One that something else wrote (`gen-cert`, `demo`): the first
+    /// certificate in `cert_path`, its key at `key_path`. `None` while the
+    /// file is missing or holds no certificate.
+    pub fn read(cert_path: PathBuf, key_path: PathBuf) -> Option<TestCert> {
+        let pem = std::fs::read_to_string(&cert_path).ok()?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+        Some(TestCert {
+            cert_path,
+            key_path,
+            der,
+            pem,
+        })
+    }
 }
 
 pub fn make_cert(dir: &Path, stem: &str, names: &[&str]) -> TestCert {
