@@ -19,7 +19,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{Proxy, ProxyConfig, Upstream, eventually, parse_responses, read_until_closed};
+use common::{
+    Proxy, ProxyConfig, Upstream, eventually, parse_responses, read_responses, read_until_closed,
+};
 
 async fn proxy_with(upstream: &Upstream, server: &str, rest: &str) -> Proxy {
     let config = ProxyConfig {
@@ -497,6 +499,18 @@ async fn slowloris_is_disconnected_within_header_read_timeout_while_others_are_s
 /// The header timer also bounds a later head on a keep-alive connection that
 /// has been idle a while, even though the idle timer (60 s by default) is far
 /// longer and was the one running when the head started.
+/// Reads one complete response, the mock upstream's `200` echo for `path`,
+/// and nothing after it.
+async fn read_one_echo(stream: &mut (impl tokio::io::AsyncRead + Unpin), path: &str) {
+    let text = read_responses(stream, 1, Duration::from_secs(10)).await;
+    let responses = parse_responses(&text);
+    assert_eq!(responses.len(), 1, "{text:?}");
+    let response = &responses[0];
+    assert!(response.complete, "{text:?}");
+    assert_eq!(response.status, 200, "{text:?}");
+    assert_eq!(response.json()["path"], path, "{text:?}");
+}
+
 #[tokio::test]
 async fn slowloris_on_a_keep_alive_connection_is_disconnected_within_header_read_timeout() {
     let upstream = Upstream::start().await;
@@ -505,19 +519,8 @@ async fn slowloris_on_a_keep_alive_connection_is_disconnected_within_header_read
     tls.write_all(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
+    read_one_echo(&mut tls, "/first").await;
     let mut buf = [0u8; 4096];
-    let mut received = Vec::new();
-    while parse_responses(&String::from_utf8_lossy(&received))
-        .first()
-        .is_none_or(|r| r.body != "ok")
-    {
-        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
-            .await
-            .expect("first response")
-            .unwrap();
-        assert!(n > 0, "closed before the first response");
-        received.extend_from_slice(&buf[..n]);
-    }
 
     // Idle for longer than header_read_timeout: an idle keep-alive
     // connection answers to idle_timeout, not to the header timer.
@@ -580,27 +583,9 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     tls.write_all(b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
-    // Read exactly one complete response (the upstream answers "ok").
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = String::from_utf8_lossy(&received).into_owned();
-        if let Some(response) = parse_responses(&text).first()
-            && response.body == "ok"
-        {
-            assert_eq!(response.status, 200);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no response: {text:?}");
-        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
-            .await
-            .expect("response")
-            .unwrap();
-        assert!(n > 0, "closed before the response was complete");
-        received.extend_from_slice(&buf[..n]);
-    }
+    read_one_echo(&mut tls, "/one").await;
     let served = Instant::now();
+    let mut buf = [0u8; 4096];
 
     // Shortly after the response it is still open (and silent).
     let early = tokio::time::timeout(Duration::from_millis(400), tls.read(&mut buf)).await;

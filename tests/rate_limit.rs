@@ -87,16 +87,9 @@ fn remaining(answer: &Answer, what: &str) -> u64 {
     number(&p, "r", "RateLimit")
 }
 
-/// A forwarded 200 carrying `RateLimit` with `r = expected_remaining`.
-fn assert_passed(answer: &Answer, expected_remaining: u64, what: &str) {
-    assert_eq!(
-        answer.status,
-        200,
-        "{what}: expected 200, got {} {}",
-        answer.status,
-        answer.text()
-    );
-    assert_eq!(answer.text(), "ok", "{what}: the upstream's body");
+/// A forwarded 200 for `path` carrying `RateLimit` with `r = expected_remaining`.
+fn assert_passed(answer: &Answer, path: &str, expected_remaining: u64, what: &str) {
+    common::assert_echo(answer, path, what);
     assert_eq!(
         remaining(answer, what),
         expected_remaining,
@@ -175,7 +168,7 @@ async fn drain(
     for left in [2, 1, 0] {
         let before = upstream.count();
         let answer = get(proxy, path, headers).await;
-        assert_passed(&answer, left, &format!("{what}, r={left}"));
+        assert_passed(&answer, path, left, &format!("{what}, r={left}"));
         assert_eq!(upstream.count(), before + 1, "{what}: forwarded");
     }
     assert_refused(proxy, upstream, path, headers, &format!("{what}, 4th")).await;
@@ -277,7 +270,7 @@ async fn burst_then_429_with_headers_then_refill_and_other_routes_unaffected() {
     let forwarded = upstream.count();
     let what = |i: usize| format!("request {} of the burst ({elapsed:?} for all four)", i + 1);
     for (i, answer) in answers.iter().take(3).enumerate() {
-        assert_passed(answer, 2 - i as u64, &what(i));
+        assert_passed(answer, "/limited/x", 2 - i as u64, &what(i));
         assert_eq!(
             answer.header("strict-transport-security"),
             Some(HSTS),
@@ -307,7 +300,7 @@ async fn burst_then_429_with_headers_then_refill_and_other_routes_unaffected() {
     // Meanwhile, another route (its own limiter) and an unmatched path are
     // unaffected, and a path that only shares a prefix is not the route.
     let other = get(&proxy, "/other", &[]).await;
-    assert_passed(&other, 2, "another route with its own limiter");
+    assert_passed(&other, "/other", 2, "another route with its own limiter");
     for path in ["/unmatched", "/limitedx", "/"] {
         let answer = get(&proxy, path, &[]).await;
         assert_eq!(answer.status, 200, "{path} while /limited is exhausted");
@@ -392,7 +385,7 @@ async fn an_untrusted_client_cannot_pick_a_fresh_bucket_with_x_forwarded_for() {
         for n in 1..=3u64 {
             let xff = format!("10.0.0.{n}");
             let answer = get(&proxy, "/limited", &[("x-forwarded-for", &xff)]).await;
-            assert_passed(&answer, 3 - n, &format!("[{server}] XFF {xff}"));
+            assert_passed(&answer, "/limited", 3 - n, &format!("[{server}] XFF {xff}"));
         }
         for xff in ["10.0.0.4", "10.0.0.5, 10.0.0.6", "2001:db8::1", "garbage"] {
             assert_refused(
@@ -466,7 +459,7 @@ async fn behind_a_trusted_proxy_x_forwarded_for_chooses_the_key() {
 
     // The trusted peer's own requests (no XFF) are a third client.
     let answer = get(&proxy, "/limited", &[]).await;
-    assert_passed(&answer, 2, "the trusted peer itself");
+    assert_passed(&answer, "/limited", 2, "the trusted peer itself");
 
     // Entries a client wrote to the left of what our proxy appended, a
     // trusted hop to the right, another spelling of the same IPv4 address, a
@@ -506,7 +499,12 @@ async fn behind_a_trusted_proxy_x_forwarded_for_chooses_the_key() {
     for n in 1..=5 {
         let value = format!("10.0.0.1, 10.0.1.{n}");
         let answer = get(&proxy, "/limited", &[("x-forwarded-for", &value)]).await;
-        assert_passed(&answer, 2, &format!("rotating right-most entry {value:?}"));
+        assert_passed(
+            &answer,
+            "/limited",
+            2,
+            &format!("rotating right-most entry {value:?}"),
+        );
     }
 
     // IPv6 clients are keyed by their /64: one host cannot rotate through its
@@ -530,7 +528,7 @@ async fn behind_a_trusted_proxy_x_forwarded_for_chooses_the_key() {
         .await;
     }
     let answer = get(&proxy, "/limited", &xff("2001:db8:1:3::1")).await;
-    assert_passed(&answer, 2, "the next /64");
+    assert_passed(&answer, "/limited", 2, "the next /64");
 }
 
 // ---------------------------------------------------------------------------
@@ -593,7 +591,7 @@ async fn header_key_separates_api_keys_and_falls_back_to_the_client_address() {
     // A header value that spells the client address is not that address's
     // bucket (else anyone could drain another client's fallback bucket).
     let answer = get(&proxy, "/api", &[("x-api-key", "127.0.0.1")]).await;
-    assert_passed(&answer, 2, "X-Api-Key: 127.0.0.1");
+    assert_passed(&answer, "/api", 2, "X-Api-Key: 127.0.0.1");
 
     // The API keys are never logged.
     proxy.wait_event(|e| e["reason"] == "rate_limited").await;
@@ -664,7 +662,7 @@ async fn sub_key_separates_subjects_and_runs_after_jwt() {
     // A third subject is still fresh.
     let carol = bearer(&hs256("carol", SECRET, 300));
     let answer = get(&proxy, "/api", &[("authorization", &carol)]).await;
-    assert_passed(&answer, 2, "carol");
+    assert_passed(&answer, "/api", 2, "carol");
 
     let event = proxy.wait_event(|e| e["reason"] == "rate_limited").await;
     assert_eq!(event["route"], "/api", "{event}");

@@ -1,10 +1,10 @@
 //! Test harness: starts the real `portcullis` binary on loopback ports with a
-//! generated certificate and configuration, a recording upstream it forwards
-//! to, and real TLS clients (rustls) that speak HTTP/1.1 and HTTP/2 to it.
+//! generated certificate and configuration, the library's mock upstream
+//! (recording what it receives) for it to forward to, and real TLS clients
+//! (rustls) that speak HTTP/1.1 and HTTP/2 to it.
 //! Nothing here sleeps to synchronise: waits poll with a deadline.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::cmd::mock_upstream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -486,27 +487,17 @@ pub async fn collect(response: Response<Incoming>) -> Answer {
     }
 }
 
-/// One request the recording upstream received.
-#[derive(Debug, Clone)]
-pub struct Recorded {
-    pub method: Method,
-    /// Path and query exactly as received on the wire.
-    pub target: String,
-    pub headers: HeaderMap,
-    pub body_len: u64,
-    /// The body when it is small (under 64 KiB).
-    pub body: Vec<u8>,
-}
+/// One request the recording upstream received (the mock's record of it).
+pub use portcullis::cmd::mock_upstream::RecordedRequest as Recorded;
 
-/// A plain-HTTP upstream that records every request and answers by path:
-/// `/status/N`, `/delay/MS`, `/set-cookie?raw` (the raw query, percent-decoded,
-/// one `Set-Cookie` per `&` part), `/headers?Name=Value&...` (each part, percent-decoded,
-/// one response header), `/download/N`; anything else `200 ok`.
+/// The library's mock upstream (`portcullis mock-upstream`: a JSON echo of
+/// each request, `/status/N`, `/delay/MS`, `/set-cookie?...`,
+/// `/headers?Name=value&...`, `/download/N`, `/ws`, ...) on a loopback
+/// port, recording every request it answers.
 #[derive(Clone)]
 pub struct Upstream {
     pub addr: SocketAddr,
-    pub requests: Arc<Mutex<VecDeque<Recorded>>>,
-    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl Upstream {
@@ -529,40 +520,24 @@ impl Upstream {
         Self::serve(tokio::net::TcpListener::from_std(listener).unwrap())
     }
 
+    /// Serves until the test's runtime ends.
     fn serve(listener: tokio::net::TcpListener) -> Upstream {
         let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(VecDeque::new()));
-        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let upstream = Upstream {
-            addr,
-            requests: requests.clone(),
-            connections: connections.clone(),
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let sink = requests.clone();
+        let options = mock_upstream::Options {
+            recorder: Some(Arc::new(move |request| sink.lock().unwrap().push(request))),
         };
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let requests = requests.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let requests = requests.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(answer_recorded(req, requests).await)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        upstream
+        tokio::spawn(mock_upstream::serve_with(
+            listener,
+            std::future::pending(),
+            options,
+        ));
+        Upstream { addr, requests }
     }
 
     pub fn recorded(&self) -> Vec<Recorded> {
-        self.requests.lock().unwrap().iter().cloned().collect()
+        self.requests.lock().unwrap().clone()
     }
 
     pub fn count(&self) -> usize {
@@ -573,128 +548,33 @@ impl Upstream {
         self.requests
             .lock()
             .unwrap()
-            .back()
+            .last()
             .cloned()
             .expect("upstream received a request")
     }
+
+    /// Connections accepted up to the one the latest request came on.
+    pub fn connections(&self) -> u64 {
+        let requests = self.requests.lock().unwrap();
+        requests.iter().map(|r| r.connection).max().unwrap_or(0)
+    }
 }
 
-type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-async fn answer_recorded(
-    req: Request<Incoming>,
-    requests: Arc<Mutex<VecDeque<Recorded>>>,
-) -> Response<BoxBody> {
-    let (parts, mut body) = req.into_parts();
-    let mut body_len = 0u64;
-    let mut small = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
-        if let Some(data) = frame.data_ref() {
-            body_len += data.len() as u64;
-            if small.len() < 64 * 1024 {
-                small.extend_from_slice(&data[..data.len().min(64 * 1024 - small.len())]);
-            }
-        }
-    }
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_default();
-    requests.lock().unwrap().push_back(Recorded {
-        method: parts.method.clone(),
-        target: target.clone(),
-        headers: parts.headers.clone(),
-        body_len,
-        body: small,
-    });
-    let path = parts.uri.path();
-    let full = |status: u16, text: &str| {
-        let mut r = Response::new(
-            Full::new(Bytes::from(text.to_string()))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *r.status_mut() = StatusCode::from_u16(status).unwrap();
-        r
-    };
-    if let Some(code) = path.strip_prefix("/status/") {
-        return full(code.parse().unwrap_or(400), "status");
-    }
-    if let Some(ms) = path.strip_prefix("/delay/") {
-        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-        return full(200, "delayed");
-    }
-    if path == "/set-cookie" {
-        let mut r = full(200, "cookies");
-        for part in parts.uri.query().unwrap_or("").split('&') {
-            let decoded = percent_decode(part);
-            r.headers_mut()
-                .append("set-cookie", decoded.parse().unwrap());
-        }
-        return r;
-    }
-    if path == "/headers" {
-        let mut r = full(200, "headers");
-        for part in parts.uri.query().unwrap_or("").split('&') {
-            if let Some((name, value)) = part.split_once('=') {
-                r.headers_mut().append(
-                    http::header::HeaderName::from_bytes(percent_decode(name).as_bytes()).unwrap(),
-                    percent_decode(value).parse().unwrap(),
-                );
-            }
-        }
-        return r;
-    }
-    if let Some(n) = path.strip_prefix("/download/") {
-        let total: u64 = n.parse().unwrap_or(0);
-        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        let stream = futures_util::stream::unfold(0u64, move |sent| {
-            let chunk = chunk.clone();
-            async move {
-                if sent >= total {
-                    return None;
-                }
-                let n = (total - sent).min(chunk.len() as u64);
-                Some((
-                    Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.slice(..n as usize))),
-                    sent + n,
-                ))
-            }
-        });
-        let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
-        r.headers_mut().insert("content-length", total.into());
-        return r;
-    }
-    let mut r = full(200, "ok");
-    r.headers_mut()
-        .insert("server", "recording-upstream".parse().unwrap());
-    r.headers_mut()
-        .insert("x-powered-by", "tests".parse().unwrap());
-    r
-}
-
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(
-                std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                16,
-            )
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Asserts that `answer` is the mock upstream's `200` echo of a request for
+/// `target` (its path; a query is not compared), and not, say, a page of the
+/// proxy's own; returns the echo.
+pub fn assert_echo(answer: &Answer, target: &str, what: &str) -> serde_json::Value {
+    let path = target.split('?').next().unwrap_or_default();
+    assert_eq!(
+        answer.status,
+        200,
+        "{what}: expected 200, got {} {}",
+        answer.status,
+        answer.text()
+    );
+    let echo = answer.json();
+    assert_eq!(echo["path"], path, "{what}: the upstream's echo: {echo}");
+    echo
 }
 
 /// A port nothing answers on: connecting is refused. The socket is bound
@@ -854,7 +734,7 @@ impl TlsClient {
 }
 
 /// A request body type for streamed uploads (see [`TlsClient::h1_streaming`]).
-pub type UploadBody = BoxBody;
+pub type UploadBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 /// `total` bytes in 64 KiB chunks, generated as they are sent and never held
 /// whole: chunk `i` is filled with the byte `i % 251`.
