@@ -2,7 +2,8 @@
 //! the upstream answers 101; any other answer is relayed as a normal response
 //! and the connection stays HTTP; route policies apply to the upgrade
 //! request (issue 3). The upstream is the built-in mock (`/ws` echoes,
-//! `/no-upgrade` answers an upgrade request with 200), run in-process.
+//! `/no-upgrade` answers an upgrade request with 200), run in-process
+//! (`common::Upstream`).
 
 mod common;
 
@@ -13,20 +14,10 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use common::{Proxy, ProxyConfig, RawResponse, parse_responses};
-
-async fn mock_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(portcullis::cmd::mock_upstream::serve(
-        listener,
-        std::future::pending(),
-    ));
-    addr
-}
+use common::{Proxy, ProxyConfig, RawResponse, Upstream, parse_responses};
 
 async fn proxy(rest: &str) -> Proxy {
-    let upstream = mock_upstream().await;
+    let upstream = Upstream::start().await.addr;
     let config = ProxyConfig {
         rest: rest.into(),
         ..Default::default()
@@ -239,7 +230,7 @@ async fn an_open_websocket_counts_as_a_connection() {
 /// one that keeps talking is not.
 #[tokio::test]
 async fn a_quiet_tunnel_is_closed_after_websocket_idle_timeout() {
-    let upstream = mock_upstream().await;
+    let upstream = Upstream::start().await.addr;
     let config = ProxyConfig {
         server: "websocket_idle_timeout = \"1s\"".into(),
         ..Default::default()
