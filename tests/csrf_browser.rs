@@ -18,7 +18,6 @@ mod common;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -28,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::PrivateKeyDer;
@@ -39,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use common::{Proxy, ProxyConfig, eventually, make_cert};
+use common::{Proxy, ProxyConfig, Recorded, Upstream, eventually, make_cert};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -54,19 +53,16 @@ fn csrf_route(extra: &str) -> String {
 // ---------------------------------------------------------------------------
 // The scenarios
 
-#[tokio::test]
-async fn a_form_auto_submitted_from_a_cross_site_page_is_refused() {
+/// A form auto-submitted from `from(env)`'s page is refused, and Chromium
+/// sent it with `Sec-Fetch-Site: fetch_site` and that page's origin.
+async fn a_form_from_is_refused(from: fn(&Env) -> &Site, fetch_site: &str) {
     let Some(mut env) = Env::start(|_| csrf_route("")).await else {
         return;
     };
-    let from = env.cross_site.clone();
+    let from = from(&env).clone();
     let (landed, sent) = env.submit_form_from(&from).await;
     env.assert_refused(&landed, &sent);
-    assert_eq!(
-        sent.sec_fetch_site.as_deref(),
-        Some("cross-site"),
-        "{sent:?}"
-    );
+    assert_eq!(sent.sec_fetch_site.as_deref(), Some(fetch_site), "{sent:?}");
     assert_eq!(
         sent.origin.as_deref(),
         Some(from.origin.as_str()),
@@ -75,23 +71,13 @@ async fn a_form_auto_submitted_from_a_cross_site_page_is_refused() {
 }
 
 #[tokio::test]
+async fn a_form_auto_submitted_from_a_cross_site_page_is_refused() {
+    a_form_from_is_refused(|env| &env.cross_site, "cross-site").await;
+}
+
+#[tokio::test]
 async fn a_form_auto_submitted_from_a_same_site_cross_origin_page_is_refused() {
-    let Some(mut env) = Env::start(|_| csrf_route("")).await else {
-        return;
-    };
-    let from = env.same_site.clone();
-    let (landed, sent) = env.submit_form_from(&from).await;
-    env.assert_refused(&landed, &sent);
-    assert_eq!(
-        sent.sec_fetch_site.as_deref(),
-        Some("same-site"),
-        "{sent:?}"
-    );
-    assert_eq!(
-        sent.origin.as_deref(),
-        Some(from.origin.as_str()),
-        "{sent:?}"
-    );
+    a_form_from_is_refused(|env| &env.same_site, "same-site").await;
 }
 
 #[tokio::test]
@@ -99,10 +85,11 @@ async fn a_same_origin_fetch_post_from_a_page_behind_the_proxy_passes() {
     let Some(mut env) = Env::start(|_| csrf_route("")).await else {
         return;
     };
+    // Any page of the app will do: the upstream's JSON echo of `/page`.
     let page = env.proxy_url("/page");
     env.navigate(&page).await;
     env.wait_page("the app's page", |p| {
-        p.href == page && p.ready == "complete" && p.text.contains("the app's own page")
+        p.href == page && p.ready == "complete" && shows_echo(&p.text, "GET", "/page")
     })
     .await;
 
@@ -110,18 +97,18 @@ async fn a_same_origin_fetch_post_from_a_page_behind_the_proxy_passes() {
         .evaluate(
             "fetch('/form', {method: 'POST', body: 'x=1', \
              headers: {'content-type': 'application/x-www-form-urlencoded'}})\
-             .then(async r => [r.status, await r.text()])",
+             .then(async r => [r.status, (await r.json()).path])",
         )
         .await
         .expect("the fetch() settles");
     let sent = env.sent_request(&env.proxy_url("/form")).await;
     eprintln!("same-origin fetch: Chromium sent {sent}; fetch() got {answer}");
-    assert_eq!(answer, json!([200, "form received"]), "{sent:?}");
-    let posts = env.upstream.posts();
+    assert_eq!(answer, json!([200, "/form"]), "{sent:?}");
+    let posts = env.posts();
     assert_eq!(posts.len(), 1, "the upstream saw one POST: {posts:?}");
-    assert_eq!(posts[0].path, "/form");
-    assert_eq!(posts[0].body, "x=1");
-    assert_eq!(posts[0].sec_fetch_site.as_deref(), Some("same-origin"));
+    assert_eq!(posts[0].target, "/form");
+    assert_eq!(posts[0].body, b"x=1");
+    assert_eq!(header(&posts[0], "sec-fetch-site"), Some("same-origin"));
     assert_eq!(
         sent.sec_fetch_site.as_deref(),
         Some("same-origin"),
@@ -141,16 +128,16 @@ async fn a_form_from_a_cross_site_page_in_allowed_origins_passes() {
     let from = env.cross_site.clone();
     let (landed, sent) = env.submit_form_from(&from).await;
     assert!(
-        landed.text.contains("form received"),
+        shows_echo(&landed.text, "POST", "/form"),
         "the browser landed on the upstream's answer: {landed:?}; sent {sent:?}"
     );
     assert_eq!(sent.status, Some(200), "{sent:?}");
-    let posts = env.upstream.posts();
+    let posts = env.posts();
     assert_eq!(posts.len(), 1, "the upstream saw one POST: {posts:?}");
-    assert_eq!(posts[0].path, "/form");
-    assert_eq!(posts[0].body, "x=1");
-    assert_eq!(posts[0].sec_fetch_site.as_deref(), Some("cross-site"));
-    assert_eq!(posts[0].origin.as_deref(), Some(from.origin.as_str()));
+    assert_eq!(posts[0].target, "/form");
+    assert_eq!(posts[0].body, b"x=1");
+    assert_eq!(header(&posts[0], "sec-fetch-site"), Some("cross-site"));
+    assert_eq!(header(&posts[0], "origin"), Some(from.origin.as_str()));
     assert_eq!(
         sent.sec_fetch_site.as_deref(),
         Some("cross-site"),
@@ -158,12 +145,28 @@ async fn a_form_from_a_cross_site_page_in_allowed_origins_passes() {
     );
 }
 
+/// Whether a page's text is the mock upstream's JSON echo of `method
+/// path` (Chromium shows JSON as text, and may offer to pretty-print it).
+fn shows_echo(text: &str, method: &str, path: &str) -> bool {
+    let json = match (text.find('{'), text.rfind('}')) {
+        (Some(start), Some(end)) if start < end => &text[start..=end],
+        _ => return false,
+    };
+    serde_json::from_str::<Value>(json)
+        .is_ok_and(|echo| echo["method"] == method && echo["path"] == path)
+}
+
+/// A recorded request's header, when it is there once and is text.
+fn header<'a>(recorded: &'a Recorded, name: &str) -> Option<&'a str> {
+    recorded.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 // ---------------------------------------------------------------------------
 // The environment: upstream, two foreign sites, the proxy, a browser tab
 
 struct Env {
-    /// Behind the proxy: serves `/page`, records every request.
-    upstream: Site,
+    /// Behind the proxy: the mock upstream, recording every request.
+    upstream: Upstream,
     /// `http://127.0.0.1:PORT`: another site than `https://localhost:PROXY`.
     cross_site: Site,
     /// `https://localhost:PORT`: the proxy's site, another origin.
@@ -193,7 +196,7 @@ impl Env {
             return None;
         }
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let upstream = Site::plain().await;
+        let upstream = Upstream::start().await;
         let cross_site = Site::plain().await;
         let same_site = Site::tls(dir.path()).await;
         let config = ProxyConfig {
@@ -212,6 +215,12 @@ impl Env {
             tab,
             _dir: dir,
         })
+    }
+
+    /// The POSTs the upstream received.
+    fn posts(&self) -> Vec<Recorded> {
+        let recorded = self.upstream.recorded().into_iter();
+        recorded.filter(|r| r.method == Method::POST).collect()
     }
 
     fn proxy_url(&self, path: &str) -> String {
@@ -258,7 +267,7 @@ impl Env {
                 panic!(
                     "waited {WITHIN:?} for {what}; the tab: {last:?}; upstream saw {:?}; \
                      proxy stderr:\n{}",
-                    self.upstream.seen(),
+                    self.upstream.recorded(),
                     self.proxy.stderr_text()
                 );
             }
@@ -300,7 +309,7 @@ impl Env {
             "the browser landed on the proxy's csrf refusal: {landed:?}; sent {sent:?}"
         );
         assert_eq!(sent.status, Some(403), "{sent:?}");
-        let posts = self.upstream.posts();
+        let posts = self.posts();
         assert!(posts.is_empty(), "nothing was forwarded: {posts:?}");
     }
 
@@ -364,25 +373,20 @@ impl std::fmt::Display for SentRequest {
 }
 
 // ---------------------------------------------------------------------------
-// The test's own HTTP/1.1 servers: the upstream and the two foreign sites
+// The two foreign sites: the test's own HTTP/1.1 servers
 
-/// What one of the servers received.
+/// What one of the sites received.
 #[derive(Debug, Clone)]
 struct Seen {
     method: String,
     path: String,
-    sec_fetch_site: Option<String>,
-    origin: Option<String>,
-    body: String,
 }
 
-/// A server that records every request and answers `GET /page` with an HTML
-/// page, `GET /post-to/PORT` with a form that posts itself on load to
-/// `https://localhost:PORT/form`, and any POST with `form received`.
+/// A site that records every request and answers `GET /post-to/PORT` with
+/// a form that posts itself on load to `https://localhost:PORT/form`.
 #[derive(Clone)]
 struct Site {
     origin: String,
-    addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -421,11 +425,9 @@ impl Site {
     }
 
     fn serve(listener: TcpListener, origin: String, tls: Option<TlsAcceptor>) -> Site {
-        let addr = listener.local_addr().expect("a bound address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let site = Site {
             origin,
-            addr,
             seen: seen.clone(),
         };
         tokio::spawn(async move {
@@ -458,46 +460,19 @@ impl Site {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("the record lock").clone()
     }
-
-    fn posts(&self) -> Vec<Seen> {
-        self.seen()
-            .into_iter()
-            .filter(|s| s.method == "POST")
-            .collect()
-    }
 }
 
 async fn answer(req: Request<Incoming>, seen: &Mutex<Vec<Seen>>) -> Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
     seen.lock().expect("the record lock").push(Seen {
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
-        sec_fetch_site: header("sec-fetch-site"),
-        origin: header("origin"),
-        body: String::from_utf8_lossy(&body).into_owned(),
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
     });
-    let path = parts.uri.path();
-    let port = path
+    let port = req
+        .uri()
+        .path()
         .strip_prefix("/post-to/")
         .and_then(|p| p.parse::<u16>().ok());
-    let (status, content_type, text) = if parts.method == Method::POST {
-        (StatusCode::OK, "text/plain", "form received".to_string())
-    } else if path == "/page" {
-        let page = "<!doctype html><title>app</title><p>the app's own page</p>";
-        (StatusCode::OK, "text/html; charset=utf-8", page.to_string())
-    } else if let Some(port) = port {
+    let (status, content_type, text) = if let Some(port) = port {
         let page = format!(
             "<!doctype html><title>elsewhere</title>\
              <body onload=\"document.forms[0].submit()\">\
