@@ -17,7 +17,6 @@
 mod common;
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -528,16 +527,7 @@ impl Browser {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("start {CHROMIUM}: {e}"));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let pipe = child.stderr.take().expect("chromium's stderr is piped");
-        let lines = stderr.clone();
-        // Drained to the end, or Chromium would block on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().expect("the stderr lock").push(line);
-            }
-        });
+        let stderr = common::pump(child.stderr.take().expect("chromium's stderr is piped"));
         let devtools_url = || {
             stderr
                 .lock()

@@ -485,34 +485,8 @@ async fn the_demo_serves_the_shipped_config_and_answers_curl() {
         .spawn()
         .expect("start the demo");
     let mut demo = Running(child);
-    let stdout_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    {
-        let stdout = demo.0.stdout.take().unwrap();
-        let lines = stdout_lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(line);
-            }
-        });
-    }
-    let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    {
-        let stderr = demo.0.stderr.take().unwrap();
-        let lines = stderr_lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(line);
-            }
-        });
-    }
+    let stdout_lines = common::pump(demo.0.stdout.take().unwrap());
+    let stderr_lines = common::pump(demo.0.stderr.take().unwrap());
     let stderr_text = || stderr_lines.lock().unwrap().join("\n");
 
     // The demo writes a development certificate because certs/ has none.

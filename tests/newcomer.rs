@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -47,14 +46,7 @@ impl Demo {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the demo");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let stderr = common::pump(child.stderr.take().unwrap());
         Demo { child, stderr }
     }
 

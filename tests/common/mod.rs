@@ -157,10 +157,8 @@ impl Proxy {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("start portcullis");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        pump(child.stdout.take().unwrap(), stdout.clone());
-        pump(child.stderr.take().unwrap(), stderr.clone());
+        let stdout = pump(child.stdout.take().unwrap());
+        let stderr = pump(child.stderr.take().unwrap());
         let mut proxy = Proxy {
             child: Some(child),
             https: "127.0.0.1:1".parse().unwrap(),
@@ -293,7 +291,11 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn pump(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+/// The lines of a child's output pipe, as they come: read to its end on a
+/// thread of their own, so the child never blocks on a full pipe.
+pub fn pump(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let into = lines.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             match line {
@@ -302,6 +304,7 @@ fn pump(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>
             }
         }
     });
+    lines
 }
 
 /// A rustls client that trusts the proxy's test certificate.
