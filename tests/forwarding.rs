@@ -463,15 +463,20 @@ async fn an_http2_request_is_forwarded_over_http11_with_host_from_authority() {
 const FIFTY_MB: u64 = 50 * 1024 * 1024;
 const MAX_GROWTH_KIB: u64 = 20 * 1024;
 
-/// Samples the proxy's resident memory until stopped; returns the peak.
+/// Samples the proxy's resident memory from a baseline until stopped.
 struct RssSampler {
+    pid: u32,
+    baseline: u64,
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl RssSampler {
-    fn start(pid: u32) -> Self {
+    fn start(proxy: &Proxy) -> Self {
+        let pid = proxy.pid();
+        let baseline = proxy.rss_kib();
+        assert!(baseline > 0, "cannot read the proxy's RSS");
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn({
@@ -483,14 +488,27 @@ impl RssSampler {
                 }
             }
         });
-        RssSampler { stop, peak, task }
+        RssSampler {
+            pid,
+            baseline,
+            stop,
+            peak,
+            task,
+        }
     }
 
-    async fn finish(self, pid: u32) -> u64 {
+    /// Stops sampling; the peak grew less than [`MAX_GROWTH_KIB`] over the
+    /// baseline during `what`.
+    async fn assert_bounded(self, what: &str) {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.unwrap();
-        self.peak.fetch_max(common::rss_kib(pid), Ordering::SeqCst);
-        self.peak.load(Ordering::SeqCst)
+        self.peak
+            .fetch_max(common::rss_kib(self.pid), Ordering::SeqCst);
+        let (baseline, peak) = (self.baseline, self.peak.load(Ordering::SeqCst));
+        assert!(
+            peak.saturating_sub(baseline) < MAX_GROWTH_KIB,
+            "RSS grew from {baseline} KiB to {peak} KiB during {what}"
+        );
     }
 }
 
@@ -515,11 +533,7 @@ async fn big_body_proxy(upstream: &Upstream) -> Proxy {
 async fn a_50_mb_upload_is_streamed_through() {
     let upstream = Upstream::start().await;
     let proxy = big_body_proxy(&upstream).await;
-    let pid = proxy.pid();
-    let baseline = proxy.rss_kib();
-    assert!(baseline > 0, "cannot read the proxy's RSS");
-
-    let sampler = RssSampler::start(pid);
+    let sampler = RssSampler::start(&proxy);
     let mut sender = proxy.client().h1_streaming().await;
     let request = Request::builder()
         .method(Method::PUT)
@@ -534,7 +548,7 @@ async fn a_50_mb_upload_is_streamed_through() {
     })
     .await
     .expect("the upload finishes within 120 s");
-    let peak = sampler.finish(pid).await;
+    sampler.assert_bounded("a 50 MB upload").await;
 
     assert_eq!(response.status, 200, "{}", response.text());
     let seen = upstream.last();
@@ -543,21 +557,13 @@ async fn a_50_mb_upload_is_streamed_through() {
     assert_eq!(seen.body_len, FIFTY_MB);
     // The first 64 KiB are the first chunk, byte for byte.
     assert_eq!(seen.body, vec![0u8; 64 * 1024]);
-    assert!(
-        peak.saturating_sub(baseline) < MAX_GROWTH_KIB,
-        "RSS grew from {baseline} KiB to {peak} KiB during a 50 MB upload"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_50_mb_download_is_streamed_through() {
     let upstream = Upstream::start().await;
     let proxy = big_body_proxy(&upstream).await;
-    let pid = proxy.pid();
-    let baseline = proxy.rss_kib();
-    assert!(baseline > 0, "cannot read the proxy's RSS");
-
-    let sampler = RssSampler::start(pid);
+    let sampler = RssSampler::start(&proxy);
     let mut sender = proxy.client().h1().await;
     let request = Request::builder()
         .uri(format!("/download/{FIFTY_MB}"))
@@ -591,7 +597,7 @@ async fn a_50_mb_download_is_streamed_through() {
         })
         .await
         .expect("the download finishes within 120 s");
-    let peak = sampler.finish(pid).await;
+    sampler.assert_bounded("a 50 MB download").await;
 
     assert_eq!(status, 200);
     assert_eq!(received, FIFTY_MB);
@@ -599,10 +605,6 @@ async fn a_50_mb_download_is_streamed_through() {
     if let Some(length) = length_header {
         assert_eq!(length, FIFTY_MB.to_string());
     }
-    assert!(
-        peak.saturating_sub(baseline) < MAX_GROWTH_KIB,
-        "RSS grew from {baseline} KiB to {peak} KiB during a 50 MB download"
-    );
 }
 
 /// An upstream that answers one request per connection and then closes it
