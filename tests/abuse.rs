@@ -510,9 +510,7 @@ async fn idle_connections_fill_max_connections_and_the_next_client_waits_in_the_
         "{per_connection:.1} KiB of resident memory per idle connection"
     );
     // What may stay: the pooled upstream connections.
-    let pooled = upstream
-        .connections
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let pooled = upstream.connections() as usize;
     assert!(
         sockets_closed <= sockets_before + pooled + 16,
         "the proxy holds {sockets_closed} sockets after every client left (before: \

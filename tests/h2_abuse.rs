@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -440,7 +440,7 @@ async fn assert_served(proxy: &Proxy, when: &str) {
     let answer = tokio::time::timeout(Duration::from_secs(10), client.get("/normal-h1"))
         .await
         .unwrap_or_else(|_| panic!("{when}: an HTTP/1.1 client was not served within 10 s"));
-    assert_eq!(answer.status, 200, "{when}: HTTP/1.1 client");
+    common::assert_echo(&answer, "/normal-h1", &format!("{when}: HTTP/1.1 client"));
     let h2_request = async {
         let mut sender = client.h2().await;
         let request = Request::builder()
@@ -451,16 +451,12 @@ async fn assert_served(proxy: &Proxy, when: &str) {
             ))
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let response = sender.send_request(request).await.expect("h2 request");
-        let status = response.status();
-        let body = response.into_body().collect().await.expect("h2 body");
-        (status, body.to_bytes())
+        common::collect(sender.send_request(request).await.expect("h2 request")).await
     };
-    let (status, body) = tokio::time::timeout(Duration::from_secs(10), h2_request)
+    let answer = tokio::time::timeout(Duration::from_secs(10), h2_request)
         .await
         .unwrap_or_else(|_| panic!("{when}: an HTTP/2 client was not served within 10 s"));
-    assert_eq!(status, 200, "{when}: HTTP/2 client");
-    assert_eq!(&body[..], b"ok", "{when}: HTTP/2 client");
+    common::assert_echo(&answer, "/normal-h2", &format!("{when}: HTTP/2 client"));
 }
 
 fn upstream_count(upstream: &Upstream, prefix: &str) -> usize {
@@ -612,7 +608,7 @@ async fn rapid_reset_of_accepted_streams_is_cut_off() {
     let proxy = start(&upstream).await;
     let rss_before = proxy.rss_kib();
     let peak = RssPeak::start(proxy.pid());
-    let connections_before = upstream.connections.load(Ordering::SeqCst);
+    let connections_before = upstream.connections();
 
     let mut h2 = RawH2::open(&proxy, &[]).await;
     let block = request_block("/paced-reset");
@@ -660,7 +656,7 @@ async fn rapid_reset_of_accepted_streams_is_cut_off() {
     let (_, seen) = h2.wait(Duration::from_secs(5), |s| s.ended()).await;
     let peak_kib = peak.stop();
     let requests = upstream_count(&upstream, "/paced-reset");
-    let connections = upstream.connections.load(Ordering::SeqCst) - connections_before;
+    let connections = upstream.connections() - connections_before;
     eprintln!(
         "paced rapid reset: {rounds} rounds, {streams} streams in {elapsed:?}; {}; {} responses; \
          the upstream got {requests} requests over {connections} new connections; RSS \

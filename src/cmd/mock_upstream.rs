@@ -118,6 +118,10 @@ pub struct Options {
     /// Called with each request before it is answered. Bodies are still
     /// streamed: only their first [`RECORDED_BODY_BYTES`] are kept.
     pub recorder: Option<Recorder>,
+    /// Counts the TCP connections accepted, whether or not a request came
+    /// on them (and numbers [`RecordedRequest::connection`]): keep a clone
+    /// to read it while the mock runs.
+    pub connections: Arc<AtomicU64>,
 }
 
 /// State shared by every connection of one `serve` call.
@@ -127,7 +131,7 @@ struct Shared {
     /// binary there is one server, so it is the process-wide count.
     requests: AtomicU64,
     /// Connections accepted so far, numbering [`RecordedRequest::connection`].
-    connections: AtomicU64,
+    connections: Arc<AtomicU64>,
     recorder: Option<Recorder>,
     /// Changes (its sender is dropped) when the server shuts down; upgraded
     /// WebSocket connections are outside hyper's graceful shutdown and
@@ -178,7 +182,7 @@ pub async fn serve_with(
     let (stop_tx, stop_rx) = watch::channel(());
     let shared = Arc::new(Shared {
         requests: AtomicU64::new(0),
-        connections: AtomicU64::new(0),
+        connections: options.connections,
         recorder: options.recorder,
         stop: stop_rx,
     });
@@ -880,6 +884,7 @@ mod tests {
         let recorder: Recorder = Arc::new(move |request| sink.lock().unwrap().push(request));
         let options = Options {
             recorder: Some(recorder),
+            ..Options::default()
         };
         (options, seen)
     }

@@ -501,6 +501,7 @@ pub use portcullis::cmd::mock_upstream::RecordedRequest as Recorded;
 pub struct Upstream {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Upstream {
@@ -530,13 +531,19 @@ impl Upstream {
         let sink = requests.clone();
         let options = mock_upstream::Options {
             recorder: Some(Arc::new(move |request| sink.lock().unwrap().push(request))),
+            ..Default::default()
         };
+        let connections = options.connections.clone();
         tokio::spawn(mock_upstream::serve_with(
             listener,
             std::future::pending(),
             options,
         ));
-        Upstream { addr, requests }
+        Upstream {
+            addr,
+            requests,
+            connections,
+        }
     }
 
     pub fn recorded(&self) -> Vec<Recorded> {
@@ -556,10 +563,9 @@ impl Upstream {
             .expect("upstream received a request")
     }
 
-    /// Connections accepted up to the one the latest request came on.
+    /// The TCP connections accepted so far, whether or not a request came.
     pub fn connections(&self) -> u64 {
-        let requests = self.requests.lock().unwrap();
-        requests.iter().map(|r| r.connection).max().unwrap_or(0)
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
