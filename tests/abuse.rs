@@ -22,48 +22,12 @@ use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{Proxy, ProxyConfig, Upstream, eventually, parse_responses, read_responses};
+use common::{
+    Proxy, ProxyConfig, Upstream, eventually, open_sockets, parse_responses, read_responses,
+    wait_active,
+};
 
 // ---------------------------------------------------------------- helpers
-
-/// The process's open sockets (listeners, client and upstream connections).
-fn open_sockets(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .filter_map(|entry| std::fs::read_link(entry.path()).ok())
-                .filter(|target| target.to_string_lossy().starts_with("socket:"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-/// `portcullis_active_connections` from the admin listener.
-async fn active_connections(admin: SocketAddr) -> Option<i64> {
-    let mut tcp = TcpStream::connect(admin).await.ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let (text, _) = common::read_until_closed(&mut tcp, Duration::from_secs(5)).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("portcullis_active_connections "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Waits until the admin gauge reads `want`; returns the last reading.
-async fn wait_active(admin: SocketAddr, want: i64, within: Duration) -> Option<i64> {
-    let deadline = Instant::now() + within;
-    let mut last = None;
-    // Bounded by the deadline; each reading is one request to the admin port.
-    for _ in 0..10_000 {
-        last = active_connections(admin).await;
-        if last == Some(want) || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    last
-}
 
 /// The soft and hard limits on open files of this process.
 fn nofile_limits() -> (u64, u64) {

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
 
-use common::{Proxy, ProxyConfig, Upstream, eventually};
+use common::{Proxy, ProxyConfig, Upstream, eventually, open_sockets};
 
 // ---------------------------------------------------------------- frames
 
@@ -420,18 +420,6 @@ const SMALL_SEND_BUFFER: u32 = 32 * 1024;
 
 /// Growth allowed for resident memory in any scenario.
 const RSS_BOUND_KIB: u64 = 64 * 1024;
-
-/// The process's open sockets (listeners, client and upstream connections).
-fn open_sockets(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .filter_map(|entry| std::fs::read_link(entry.path()).ok())
-                .filter(|target| target.to_string_lossy().starts_with("socket:"))
-                .count()
-        })
-        .unwrap_or(0)
-}
 
 /// A normal client on its own connections is served, over HTTP/1.1 and
 /// over HTTP/2, each within 10 s.

@@ -20,7 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::{
-    Proxy, ProxyConfig, Upstream, eventually, parse_responses, read_responses, read_until_closed,
+    Proxy, ProxyConfig, Upstream, active_connections, eventually, parse_responses, read_responses,
+    read_until_closed,
 };
 
 async fn proxy_with(upstream: &Upstream, server: &str, rest: &str) -> Proxy {
@@ -668,18 +669,6 @@ async fn counting_upstream(delay: Duration) -> (SocketAddr, Concurrency) {
         }
     });
     (addr, counts)
-}
-
-/// `portcullis_active_connections` from the admin listener.
-async fn active_connections(admin: SocketAddr) -> Option<i64> {
-    let mut tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let (text, _) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("portcullis_active_connections "))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// How the limit is measured: each of the 200 clients opens its own

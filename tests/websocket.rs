@@ -7,14 +7,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use common::{Proxy, ProxyConfig, RawResponse, Upstream, parse_responses};
+use common::{
+    Proxy, ProxyConfig, RawResponse, Upstream, active_connections, parse_responses, wait_active,
+};
 
 async fn proxy(rest: &str) -> Proxy {
     let upstream = Upstream::start().await.addr;
@@ -186,19 +187,6 @@ async fn a_rejected_path_refuses_the_upgrade_too() {
     assert_eq!(answer.header("x-mock-request-count"), Some("1"));
 }
 
-/// `portcullis_active_connections` from the admin listener.
-async fn active_connections(admin: SocketAddr) -> i64 {
-    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let (text, _) = common::read_until_closed(&mut tcp, Duration::from_secs(5)).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("portcullis_active_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no gauge in {text}"))
-}
-
 /// A WebSocket is a client connection like any other: it counts in
 /// `portcullis_active_connections` (and so against `max_connections`, the
 /// same slot) for as long as it is open, not only until the upgrade.
@@ -211,19 +199,12 @@ async fn an_open_websocket_counts_as_a_connection() {
     let (mut socket, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
     socket.send(Message::text("one")).await.unwrap();
     assert_eq!(next_message(&mut socket).await, Message::text("one"));
-    assert_eq!(active_connections(admin).await, 1);
+    assert_eq!(active_connections(admin).await, Some(1));
 
     socket.close(None).await.unwrap();
     drop(socket);
-    let mut last = -1;
-    for _ in 0..500 {
-        last = active_connections(admin).await;
-        if last == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(last, 0, "the closed WebSocket is still counted");
+    let last = wait_active(admin, 0, Duration::from_secs(10)).await;
+    assert_eq!(last, Some(0), "the closed WebSocket is still counted");
 }
 
 /// `websocket_idle_timeout`: a tunnel with no bytes either way is closed;

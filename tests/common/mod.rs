@@ -806,6 +806,45 @@ pub async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The process's open sockets (listeners, client and upstream connections).
+pub fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// `portcullis_active_connections` from the admin listener.
+pub async fn active_connections(admin: SocketAddr) -> Option<i64> {
+    let mut tcp = TcpStream::connect(admin).await.ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let (text, _) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("portcullis_active_connections "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until the admin gauge reads `want`; returns the last reading.
+pub async fn wait_active(admin: SocketAddr, want: i64, within: Duration) -> Option<i64> {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    // Bounded by the deadline; each reading is one request to the admin port.
+    for _ in 0..10_000 {
+        last = active_connections(admin).await;
+        if last == Some(want) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
 /// A loopback port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
