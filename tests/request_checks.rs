@@ -407,7 +407,10 @@ async fn bodies_over_the_route_limit_get_413_before_or_as_they_cross_it() {
     let over_a_mib = format!(r#"{{"items":[],"pad":"{}"}}"#, "x".repeat(1 << 20));
     let answer = send(&proxy, Proto::H1, Method::POST, "/both", &json, &over_a_mib).await;
     assert_refused(&answer, 413, "body_too_large", "schema route default");
-    let under = format!(r#"{{"items":[{{"sku":"ABC-1","qty":1}}],"pad":"{}"}}"#, "x".repeat(1000));
+    let under = format!(
+        r#"{{"items":[{{"sku":"ABC-1","qty":1}}],"pad":"{}"}}"#,
+        "x".repeat(1000)
+    );
     let answer = send(&proxy, Proto::H2, Method::POST, "/both", &json, &under).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(upstream.count(), 1);
