@@ -576,10 +576,12 @@ fn acme(s: &file::AcmeSection) -> Result<Acme> {
     })
 }
 
-/// The body limit of a `json_schema` route that sets none: the body is
-/// parsed into a tree that takes up to ~90 times its size while it is
-/// judged, so the server-wide 10 MiB default would let one request cost
-/// most of a gigabyte.
+/// The body limit of a `json_schema` route that sets none. The body is read
+/// whole and judged in place (`policy::json_tape`: an index under its
+/// size), but the validator keeps every error it finds before the first 10
+/// are reported: a body that fails everywhere takes up to ~40 times its
+/// size while it is judged, so the server-wide 10 MiB default would let one
+/// request cost 400 MiB.
 pub const SCHEMA_DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 
 fn routes(
