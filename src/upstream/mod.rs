@@ -32,7 +32,9 @@
 //! it, reading the response head), `response_body.rs` (the body read on from
 //! the connection, and its return to the pool), `codec.rs` (the wire format).
 
-mod codec;
+// pub for fuzzing (fuzz/fuzz_targets/upstream_response.rs).
+#[doc(hidden)]
+pub mod codec;
 mod exchange;
 mod pool;
 mod response_body;
