@@ -335,6 +335,10 @@ fn byte(bytes: &[u8], at: u32) -> u8 {
 }
 
 fn skip_ws(bytes: &[u8], mut at: u32) -> u32 {
+    // Indentation, eight spaces at a time.
+    while bytes.get(at as usize..(at as usize).saturating_add(8)) == Some(b"        ") {
+        at += 8;
+    }
     while matches!(byte(bytes, at), b' ' | b'\t' | b'\n' | b'\r') {
         at += 1;
     }
