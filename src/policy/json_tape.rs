@@ -1544,7 +1544,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_read_as_serde_json_reads_them() {
+    fn numbers_and_spacing_read_as_serde_json_reads_them() {
         for text in [
             "0",
             "-0",
@@ -1567,6 +1567,8 @@ mod tests {
             "2.5e+10",
             "1234567890123456789",
             "-123456789012345678",
+            " \n 1.5 \t",
+            "\t[ 1 , {\"a\" : [ ] , \"b\":\"\" } , -0 ]\r\n",
         ] {
             let document = parse(text);
             assert_same(document.root(), &serde_json::from_str(text).unwrap());
