@@ -93,6 +93,18 @@ impl Timeouts {
     }
 }
 
+/// Why a connection's client was judged abusive and cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutOff {
+    /// It cancelled most of its requests (HTTP/2 rapid reset).
+    RapidReset = 1,
+    /// It sent HTTP/2 PING, SETTINGS or PRIORITY frames past the budget.
+    ControlFrameFlood,
+}
+
+/// `Activity::cut_off_reason` before any [`CutOff`].
+const NOT_CUT_OFF: u8 = 0;
+
 /// Which timer ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiry {
@@ -128,6 +140,8 @@ pub struct Activity {
     /// Told when the client has cancelled so many requests that it is
     /// attacking rather than browsing; the connection's driver closes it.
     cut_off: tokio::sync::Notify,
+    /// Why [`Self::cut_off`] fired: set before it is notified.
+    cut_off_reason: std::sync::atomic::AtomicU8,
     /// HTTP/2 frames (pings, settings) are not request heads.
     tracks_heads: bool,
 }
@@ -145,6 +159,7 @@ impl Activity {
             body_pulls: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             cut_off: tokio::sync::Notify::new(),
+            cut_off_reason: std::sync::atomic::AtomicU8::new(NOT_CUT_OFF),
             tracks_heads,
         })
     }
@@ -180,13 +195,34 @@ impl Activity {
         // `served` counts every request that ended, cancelled ones included.
         if cancelled > MAX_CANCELLED_REQUESTS && cancelled * 2 > self.served.load(Ordering::Relaxed)
         {
+            self.cut_off_reason
+                .store(CutOff::RapidReset as u8, Ordering::Relaxed);
             self.cut_off.notify_one();
         }
     }
 
-    /// Resolves once [`Self::note_cancelled`] has judged the client abusive.
-    pub async fn cut_off(&self) {
+    /// True once the client has been judged abusive: its socket is reset
+    /// rather than closed with a lingering drain of what it still sends.
+    pub fn was_cut_off(&self) -> bool {
+        self.cut_off_reason.load(Ordering::Relaxed) != NOT_CUT_OFF
+    }
+
+    /// The client sent more HTTP/2 control frames than
+    /// [`crate::h2_flood::ControlFrameGuard`] allows.
+    pub fn cut_off_flood(&self) {
+        self.cut_off_reason
+            .store(CutOff::ControlFrameFlood as u8, Ordering::Relaxed);
+        self.cut_off.notify_one();
+    }
+
+    /// Resolves once the client has been judged abusive, with why.
+    pub async fn cut_off(&self) -> CutOff {
         self.cut_off.notified().await;
+        if self.cut_off_reason.load(Ordering::Relaxed) == CutOff::ControlFrameFlood as u8 {
+            CutOff::ControlFrameFlood
+        } else {
+            CutOff::RapidReset
+        }
     }
 
     /// Whether response bodies report their pulls ([`Self::body_handed_over`]):

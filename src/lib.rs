@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod filters;
 pub mod forward;
+pub mod h2_flood;
 pub mod linger;
 pub mod path;
 pub mod pipeline;

@@ -33,17 +33,45 @@ pub fn poll_write_slices(
 
 /// A client's TCP socket under TLS: a `TcpStream` whose vectored writes go
 /// through [`poll_write_slices`].
-pub struct ClientSocket(TcpStream);
+pub struct ClientSocket {
+    tcp: TcpStream,
+    /// Close with a reset, without draining what the client still sends.
+    reset: bool,
+}
 
 impl ClientSocket {
     pub fn new(tcp: TcpStream) -> Self {
-        ClientSocket(tcp)
+        ClientSocket { tcp, reset: false }
+    }
+}
+
+/// A client connection that can be told to end with a TCP reset: an
+/// abusive client gets no lingering close ([`crate::linger`]), which would
+/// keep reading its flood for seconds after the proxy has given up on it.
+pub trait ResetOnClose {
+    fn reset_on_close(&mut self);
+}
+
+impl ResetOnClose for ClientSocket {
+    fn reset_on_close(&mut self) {
+        self.reset = true;
+    }
+}
+
+impl ResetOnClose for tokio_rustls::server::TlsStream<ClientSocket> {
+    fn reset_on_close(&mut self) {
+        self.get_mut().0.reset_on_close();
     }
 }
 
 impl Drop for ClientSocket {
     fn drop(&mut self) {
-        crate::linger::before_close(&self.0);
+        if self.reset {
+            // SO_LINGER 0: the close sends a reset and discards what is queued.
+            let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(std::time::Duration::ZERO));
+        } else {
+            crate::linger::before_close(&self.tcp);
+        }
     }
 }
 
@@ -53,7 +81,7 @@ impl AsyncRead for ClientSocket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
     }
 }
 
@@ -63,7 +91,7 @@ impl AsyncWrite for ClientSocket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -71,7 +99,7 @@ impl AsyncWrite for ClientSocket {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        poll_write_slices(Pin::new(&mut self.0), cx, bufs)
+        poll_write_slices(Pin::new(&mut self.tcp), cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -79,11 +107,11 @@ impl AsyncWrite for ClientSocket {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 

@@ -15,7 +15,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, Expiry, Timeouts};
+use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, CutOff, Expiry, Timeouts};
+use crate::h2_flood::ControlFrameGuard;
 use crate::runtime::{Runtime, Shared};
 use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
@@ -180,21 +181,15 @@ async fn serve_https(
 
     let activity = Activity::new(!is_h2);
     let anomalies = AnomalyLog::new();
-    let io = ActivityIo::new(
-        RequestHeadSniffer::new(tls, anomalies.clone()),
-        activity.clone(),
-    )
-    .holding(slot);
     let info = Arc::new(ConnInfo::new(
         shared.clone(),
         worker,
         peer,
         version,
         is_h2,
-        anomalies,
+        anomalies.clone(),
         activity.clone(),
     ));
-    let io = TokioIo::new(io);
     let timeouts = Timeouts {
         header: header_timeout,
         idle: idle_timeout,
@@ -211,8 +206,16 @@ async fn serve_https(
     // The protocol is the one ALPN agreed on: HTTP/2 over TLS is only ever
     // negotiated that way (RFC 9113 §3.2), so nothing is sniffed or buffered
     // to guess it, and a client that offers no ALPN speaks HTTP/1.1.
+    // HTTP/2 needs no request-head sniffer (HPACK hides heads from a byte
+    // scanner, and the `http` crate drops a `:path` fragment), but its
+    // control frames are counted.
     if is_h2 {
-        let connection = Box::pin(builders.http2.serve_connection(io, service));
+        let io = ActivityIo::new(
+            ControlFrameGuard::new(tls, activity.clone()),
+            activity.clone(),
+        )
+        .holding(slot);
+        let connection = Box::pin(builders.http2.serve_connection(TokioIo::new(io), service));
         drive(
             connection,
             |c| c.graceful_shutdown(),
@@ -223,7 +226,14 @@ async fn serve_https(
         )
         .await;
     } else {
-        let connection = Box::pin(builders.http1.serve_connection(io, service).with_upgrades());
+        let io = ActivityIo::new(RequestHeadSniffer::new(tls, anomalies), activity.clone())
+            .holding(slot);
+        let connection = Box::pin(
+            builders
+                .http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
         drive(
             connection,
             |c| c.graceful_shutdown(),
@@ -313,8 +323,16 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                 let next = if deadline > now { deadline } else { now + wake_at_least_every };
                 timer.as_mut().reset(next.min(now + wake_at_least_every));
             }
-            () = activity.cut_off() => {
-                tracing::warn!(%peer, "the client cancelled most of its requests (rapid reset); connection closed");
+            why = activity.cut_off() => {
+                match why {
+                    CutOff::RapidReset => tracing::warn!(%peer, "the client cancelled most of its requests (rapid reset); connection closed"),
+                    CutOff::ControlFrameFlood => tracing::warn!(
+                        %peer,
+                        "the client sent more than {} HTTP/2 PING, SETTINGS and PRIORITY frames in {:?}; connection closed",
+                        crate::h2_flood::MAX_CONTROL_FRAMES,
+                        crate::h2_flood::CONTROL_WINDOW
+                    ),
+                }
                 return;
             }
             () = shutdown.as_mut(), if !closing => {
