@@ -10,10 +10,12 @@
 //! test's own; nothing here sleeps to synchronise (waits poll with deadlines).
 
 mod common;
+// Each side uses part of the fixtures.
+#[allow(dead_code)]
+#[path = "support/jwt_fixtures.rs"]
+mod jwt_fixtures;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -21,10 +23,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use common::{Answer, Proxy, ProxyConfig, Upstream, eventually};
 use http::Method;
-use jsonwebtoken::jwk::Jwk;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jwt_fixtures::{JwksServer, TestKey};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// The HS* secret given to the proxy as `JWT_SECRET` (longer than 32 bytes).
 const SECRET: &str = "portcullis-integration-test-secret-0123456789";
@@ -69,63 +71,6 @@ fn hs256(claims: &Value) -> String {
 
 fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// An asymmetric key pair generated for this test run.
-struct TestKey {
-    alg: Algorithm,
-    enc: EncodingKey,
-    public_pem: String,
-}
-
-impl TestKey {
-    fn generate(rc: &'static rcgen::SignatureAlgorithm, alg: Algorithm) -> TestKey {
-        let kp = rcgen::KeyPair::generate_for(rc).unwrap();
-        let private_pem = kp.serialize_pem();
-        let enc = match alg.family() {
-            AlgorithmFamily::Rsa => EncodingKey::from_rsa_pem(private_pem.as_bytes()),
-            AlgorithmFamily::Ec => EncodingKey::from_ec_pem(private_pem.as_bytes()),
-            _ => EncodingKey::from_ed_pem(private_pem.as_bytes()),
-        }
-        .unwrap();
-        TestKey {
-            alg,
-            enc,
-            public_pem: kp.public_key_pem(),
-        }
-    }
-
-    fn rsa() -> TestKey {
-        Self::generate(&rcgen::PKCS_RSA_SHA256, Algorithm::RS256)
-    }
-
-    fn p256() -> TestKey {
-        Self::generate(&rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256)
-    }
-
-    fn ed25519() -> TestKey {
-        Self::generate(&rcgen::PKCS_ED25519, Algorithm::EdDSA)
-    }
-
-    /// The public JWK, with `alg` and the given `kid`.
-    fn jwk(&self, kid: &str) -> Value {
-        let pem = self.public_pem.as_bytes();
-        let decoding = match self.alg.family() {
-            AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem),
-            AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem),
-            _ => DecodingKey::from_ed_pem(pem),
-        }
-        .unwrap();
-        let mut jwk = Jwk::from_decoding_key(&decoding, Some(self.alg)).unwrap();
-        jwk.common.key_id = Some(kid.to_string());
-        serde_json::to_value(jwk).unwrap()
-    }
-
-    fn token(&self, kid: Option<&str>, claims: &Value) -> String {
-        let mut header = Header::new(self.alg);
-        header.kid = kid.map(str::to_string);
-        jsonwebtoken::encode(&header, claims, &self.enc).unwrap()
-    }
 }
 
 fn jwks(keys: &[Value]) -> Vec<u8> {
@@ -174,7 +119,13 @@ async fn bearer(proxy: &Proxy, token: &str) -> Answer {
 
 /// A 200 from the upstream, which received `X-Auth-Subject: sub` (once).
 fn assert_accepted(answer: &Answer, upstream: &Upstream, before: usize, sub: &str, what: &str) {
-    assert_eq!(upstream.count(), before + 1, "{what}: upstream not reached");
+    assert_eq!(
+        upstream.count(),
+        before + 1,
+        "{what}: upstream not reached; the client got {} {}",
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
     let seen = upstream.last();
     common::assert_echo(answer, &seen.target, what);
     let values: Vec<_> = seen
@@ -1152,79 +1103,6 @@ async fn connection_naming_an_identity_header_does_not_stop_the_verified_value()
 // ---------------------------------------------------------------------------
 // jwks_url
 // ---------------------------------------------------------------------------
-
-/// A JWKS server on 127.0.0.1:0 whose document can be changed, counting
-/// fetches; `stop` closes the listener (connections are then refused).
-struct JwksServer {
-    url: String,
-    body: Arc<Mutex<Vec<u8>>>,
-    hits: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl JwksServer {
-    async fn start(body: Vec<u8>) -> JwksServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/.well-known/jwks.json",
-            listener.local_addr().unwrap()
-        );
-        let body = Arc::new(Mutex::new(body));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let (document, counter) = (body.clone(), hits.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (document, counter) = (document.clone(), counter.clone());
-                tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let (status, body) =
-                        if request.starts_with(b"GET /.well-known/jwks.json HTTP/1.1\r\n") {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            (200, document.lock().unwrap().clone())
-                        } else {
-                            (404, b"{}".to_vec())
-                        };
-                    let head = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = sock.write_all(head.as_bytes()).await;
-                    let _ = sock.write_all(&body).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        JwksServer {
-            url,
-            body,
-            hits,
-            task,
-        }
-    }
-
-    fn serve(&self, body: Vec<u8>) {
-        *self.body.lock().unwrap() = body;
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-
-    async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await; // the listener goes with the task
-    }
-}
 
 fn jwks_url_config(url: &str, refresh: &str) -> String {
     format!("algorithms = [\"ES256\"]\njwks_url = \"{url}\"\njwks_refresh = \"{refresh}\"")

@@ -140,11 +140,6 @@ impl KeySource for HttpJwks {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
     use crate::policy::jwt::test_support::*;
 
@@ -176,103 +171,38 @@ mod tests {
         }
     }
 
-    /// A JWKS server on 127.0.0.1:0 answering every GET of
-    /// `/.well-known/jwks.json` with `status` and `body`.
-    struct JwksServer {
-        url: String,
-        state: Arc<Mutex<(u16, Vec<u8>)>>,
-        hits: Arc<AtomicUsize>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl JwksServer {
-        async fn start(body: Vec<u8>) -> JwksServer {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!(
-                "http://{}/.well-known/jwks.json",
-                listener.local_addr().unwrap()
-            );
-            let state = Arc::new(Mutex::new((200u16, body)));
-            let hits = Arc::new(AtomicUsize::new(0));
-            let (st, h) = (state.clone(), hits.clone());
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok((mut sock, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let (st, h) = (st.clone(), h.clone());
-                    tokio::spawn(async move {
-                        let mut req = Vec::new();
-                        let mut buf = [0u8; 1024];
-                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match sock.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => req.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        assert!(req.starts_with(b"GET /.well-known/jwks.json HTTP/1.1\r\n"));
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let (status, body) = st.lock().unwrap().clone();
-                        let head = format!(
-                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                            body.len()
-                        );
-                        let _ = sock.write_all(head.as_bytes()).await;
-                        let _ = sock.write_all(&body).await;
-                        let _ = sock.shutdown().await;
-                    });
-                }
-            });
-            JwksServer {
-                url,
-                state,
-                hits,
-                task,
-            }
-        }
-
-        fn serve(&self, status: u16, body: Vec<u8>) {
-            *self.state.lock().unwrap() = (status, body);
-        }
-
-        fn source(&self) -> HttpJwks {
-            let allowed = AlgSet::of(jsonwebtoken::Algorithm::ES256);
-            HttpJwks::new(parse_jwks_url(&self.url).unwrap(), allowed)
-        }
-    }
-
-    impl Drop for JwksServer {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
+    /// A key source fetching from `server`, for ES256 keys.
+    fn source_for(server: &JwksServer) -> HttpJwks {
+        let allowed = AlgSet::of(jsonwebtoken::Algorithm::ES256);
+        HttpJwks::new(parse_jwks_url(&server.url).unwrap(), allowed)
     }
 
     #[tokio::test]
     async fn a_fetch_is_one_get_decoded_as_a_jwks() {
         let server = JwksServer::start(jwks(&[ec_a().jwk("a"), rsa().jwk("r")])).await;
-        let set = server.source().fetch().await.unwrap();
+        let set = source_for(&server).fetch().await.unwrap();
         // The RSA key fits no allowed algorithm and is skipped.
         assert_eq!(set.len(), 1);
         assert!(set.has_kid("a"));
-        assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+        assert_eq!(server.hits(), 1);
     }
 
     #[tokio::test]
     async fn a_failed_fetch_says_why() {
         let server = JwksServer::start(Vec::new()).await;
-        let source = server.source();
-        server.serve(500, b"oops".to_vec());
+        let source = source_for(&server);
+        server.answer_with(500, b"oops".to_vec());
         let e = source.fetch().await.err().unwrap();
         assert!(e.contains("status 500"), "{e}");
 
-        server.serve(200, b"<html>maintenance</html>".to_vec());
+        server.answer_with(200, b"<html>maintenance</html>".to_vec());
         let e = source.fetch().await.err().unwrap();
         assert!(e.contains("not a JWKS document"), "{e}");
 
-        server.serve(200, jwks(&[ec_a().jwk("a")]));
+        server.answer_with(200, jwks(&[ec_a().jwk("a")]));
         let small = HttpJwks {
             max_bytes: 64,
-            ..server.source()
+            ..source_for(&server)
         };
         let e = small.fetch().await.err().unwrap();
         assert!(e.starts_with("body"), "{e}");

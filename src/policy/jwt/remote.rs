@@ -137,8 +137,7 @@ impl RemoteKeys {
             Ok(result) => result,
             Err(_) => Err(format!("timed out after {:?}", self.fetch_timeout)),
         };
-        self.fetches_done.send_modify(|done| *done += 1);
-        match result {
+        let fetched = match result {
             Ok(set) => {
                 if set.is_empty() {
                     tracing::warn!(jwks_url = %self.source.name(), trigger = why, "JWKS fetched but holds no usable key; tokens from it will be refused");
@@ -153,7 +152,11 @@ impl RemoteKeys {
                 tracing::warn!(jwks_url = %self.source.name(), trigger = why, error = %e, "JWKS fetch failed; keeping the last good keys");
                 false
             }
-        }
+        };
+        // Announced only once the new set is in place: a waiter in
+        // `refetch_for_kid` looks the kid up as soon as it is told.
+        self.fetches_done.send_modify(|done| *done += 1);
+        fetched
     }
 
     /// The unknown-`kid` path: starts a refetch unless one happened within
@@ -164,10 +167,12 @@ impl RemoteKeys {
     /// two seconds, not the fetch timeout. Returns whether a retry of the
     /// lookup can succeed.
     pub(super) async fn refetch_for_kid(self: &Arc<Self>, kid: &str) -> bool {
+        // Subscribed before the first look, so a fetch that ends between the
+        // look and the wait still wakes it.
+        let mut done = self.fetches_done.subscribe();
         if self.keys.load().has_kid(kid) {
             return true;
         }
-        let mut done = self.fetches_done.subscribe();
         if let Ok(mut state) = self.fetch.clone().try_lock_owned() {
             if state
                 .last_on_demand

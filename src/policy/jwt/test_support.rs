@@ -7,8 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::jwk::Jwk;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
 
 use super::algorithms::AlgSet;
@@ -64,52 +63,11 @@ pub(crate) fn b64(s: &str) -> String {
     URL_SAFE_NO_PAD.encode(s)
 }
 
-pub(crate) struct TestKey {
-    pub(crate) alg: Algorithm,
-    pub(crate) enc: EncodingKey,
-    pub(crate) public_pem: String,
-    pub(crate) private_pem: String,
-}
-
-impl TestKey {
-    fn generate(rc: &'static rcgen::SignatureAlgorithm, alg: Algorithm) -> TestKey {
-        let kp = rcgen::KeyPair::generate_for(rc).unwrap();
-        let private_pem = kp.serialize_pem();
-        let enc = match alg.family() {
-            AlgorithmFamily::Rsa => EncodingKey::from_rsa_pem(private_pem.as_bytes()),
-            AlgorithmFamily::Ec => EncodingKey::from_ec_pem(private_pem.as_bytes()),
-            _ => EncodingKey::from_ed_pem(private_pem.as_bytes()),
-        }
-        .unwrap();
-        TestKey {
-            alg,
-            enc,
-            public_pem: kp.public_key_pem(),
-            private_pem,
-        }
-    }
-
-    pub(crate) fn decoding(&self) -> DecodingKey {
-        let pem = self.public_pem.as_bytes();
-        match self.alg.family() {
-            AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem),
-            AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem),
-            _ => DecodingKey::from_ed_pem(pem),
-        }
-        .unwrap()
-    }
-
-    /// The public JWK, with `alg` set and the given `kid`.
-    pub(crate) fn jwk(&self, kid: &str) -> Value {
-        let mut jwk = Jwk::from_decoding_key(&self.decoding(), Some(self.alg)).unwrap();
-        jwk.common.key_id = Some(kid.to_string());
-        serde_json::to_value(jwk).unwrap()
-    }
-
-    pub(crate) fn token(&self, kid: Option<&str>, claims: &Value) -> String {
-        sign(self.alg, &self.enc, kid, claims)
-    }
-}
+// Shared with tests/jwt.rs; each side uses part of it.
+#[allow(dead_code)]
+#[path = "../../../tests/support/jwt_fixtures.rs"]
+mod jwt_fixtures;
+pub(crate) use jwt_fixtures::{JwksServer, TestKey};
 
 macro_rules! test_key {
     ($name:ident, $rc:expr, $alg:expr) => {
