@@ -115,6 +115,51 @@ impl AsyncWrite for ClientSocket {
     }
 }
 
+/// `AsyncWrite` for a wrapper that only watches what is read: every write
+/// goes to its `io` field unchanged. `pass_writes_through!(Wrapper<IO>)`,
+/// or `pass_writes_through!(Wrapper<IO>, ExtraBound)` when the wrapper's
+/// `IO` needs one more bound.
+macro_rules! pass_writes_through {
+    ($wrapper:ident<IO> $(, $bound:path)?) => {
+        impl<IO: $($bound +)? tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<IO> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
+        }
+    };
+}
+pub(crate) use pass_writes_through;
+
 #[cfg(test)]
 mod tests {
     use super::*;
