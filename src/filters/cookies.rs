@@ -52,6 +52,9 @@ impl Default for CookiePolicy {
 const SECURE: &[u8] = b"; Secure";
 const HTTP_ONLY: &[u8] = b"; HttpOnly";
 
+/// The longest attribute value a browser reads; longer ones it ignores.
+const MAX_ATTRIBUTE_VALUE: usize = 1024;
+
 /// What the upstream already wrote, by attribute name.
 #[derive(Default)]
 struct Present {
@@ -68,6 +71,11 @@ fn scan(attributes: &[u8]) -> Present {
             Some(eq) => (&attribute[..eq], &attribute[eq + 1..]),
             None => (attribute, &b""[..]),
         };
+        // RFC 6265bis §5.6: a browser ignores an attribute whose value is
+        // longer than 1024 bytes, so `Secure=<1025 bytes>` is not Secure.
+        if value.len() > MAX_ATTRIBUTE_VALUE {
+            continue;
+        }
         let name = name.trim_ascii();
         if name.eq_ignore_ascii_case(b"secure") {
             present.secure = true;
@@ -318,6 +326,22 @@ mod tests {
                 got.as_deref().map(String::from_utf8_lossy)
             );
         }
+    }
+
+    #[test]
+    fn an_attribute_a_browser_ignores_does_not_count_as_present() {
+        let all_lax = policy(true, true, SameSite::Lax);
+        let long = "x".repeat(MAX_ATTRIBUTE_VALUE + 1);
+        let input = format!("id=abc; Secure={long}; HttpOnly={long}");
+        let got = rewrite_set_cookie(input.as_bytes(), &all_lax).unwrap();
+        assert_eq!(
+            got,
+            format!("{input}; Secure; HttpOnly; SameSite=Lax").into_bytes()
+        );
+        // At the limit the value is still read, and the name decides.
+        let at_limit = "x".repeat(MAX_ATTRIBUTE_VALUE);
+        let input = format!("id=abc; Secure={at_limit}; HttpOnly; SameSite=Strict");
+        assert_eq!(rewrite_set_cookie(input.as_bytes(), &all_lax), None);
     }
 
     #[test]
