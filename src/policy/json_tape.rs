@@ -66,7 +66,7 @@ const PENDING_TABLE: u32 = u32::MAX - 1;
 
 /// `jsonschema`'s own threshold: up to this many items `uniqueItems`
 /// compares pairwise rather than hashing.
-const PAIRWISE_UNIQUE: usize = 15;
+pub(super) const PAIRWISE_UNIQUE: usize = 15;
 
 /// The representation, for `jsonschema::options_for::<Tape>()`.
 pub struct Tape;
@@ -285,15 +285,7 @@ impl<'a> Document<'a> {
     }
 
     fn number(&self, pos: u32) -> Option<Number> {
-        if let Some(number) = small_integer(self.bytes(), pos) {
-            return Some(number);
-        }
-        // The rest (fractions, exponents, -0, integers past 18 digits) as
-        // `serde_json` reads them, so that a `Value` would hold the same.
-        let raw = self
-            .text
-            .get(pos as usize..scalar_end(self.bytes(), pos) as usize)?;
-        serde_json::from_str(raw).ok()
+        number_at(self.text, pos)
     }
 
     /// The object at `pos`: its entry and how its repeated names are found.
@@ -465,6 +457,20 @@ fn compare_quote_key(bytes: &[u8], quote: u32, key: &str) -> Ordering {
     }
 }
 
+/// The number written at `pos` of `text`, as `serde_json` reads it.
+/// `policy::json_dense` reads its numbers here too, so that both
+/// representations show the validator the same values.
+pub(super) fn number_at(text: &str, pos: u32) -> Option<Number> {
+    let bytes = text.as_bytes();
+    if let Some(number) = small_integer(bytes, pos) {
+        return Some(number);
+    }
+    // The rest (fractions, exponents, -0, integers past 18 digits) as
+    // `serde_json` reads them, so that a `Value` would hold the same.
+    let raw = text.get(pos as usize..scalar_end(bytes, pos) as usize)?;
+    serde_json::from_str(raw).ok()
+}
+
 /// Where a number, `true`, `false` or `null` at `at` ends (exclusive).
 fn scalar_end(bytes: &[u8], mut at: u32) -> u32 {
     while matches!(byte(bytes, at), b'0'..=b'9' | b'a'..=b'z' | b'E' | b'+' | b'-' | b'.') {
@@ -477,7 +483,7 @@ fn scalar_end(bytes: &[u8], mut at: u32) -> u32 {
 /// or an `i64`, read in one pass without its parser: up to 19 digits, or a
 /// minus sign and up to 18 digits other than `-0` (which it holds as the
 /// float -0.0).
-fn small_integer(bytes: &[u8], at: u32) -> Option<Number> {
+pub(super) fn small_integer(bytes: &[u8], at: u32) -> Option<Number> {
     let negative = byte(bytes, at) == b'-';
     let first = if negative { at + 1 } else { at };
     let mut end = first;
@@ -504,7 +510,7 @@ fn small_integer(bytes: &[u8], at: u32) -> Option<Number> {
 
 /// The decoded bytes of a string's content, without allocating: what
 /// comparing and ordering names need.
-struct Decoded<'s> {
+pub(super) struct Decoded<'s> {
     rest: &'s [u8],
     pending: [u8; 4],
     pending_at: u8,
@@ -512,7 +518,7 @@ struct Decoded<'s> {
 }
 
 impl<'s> Decoded<'s> {
-    fn new(raw: &'s [u8]) -> Self {
+    pub(super) fn new(raw: &'s [u8]) -> Self {
         Decoded {
             rest: raw,
             pending: [0; 4],
@@ -590,7 +596,7 @@ fn hex4(raw: &[u8], at: usize) -> Option<u32> {
     })
 }
 
-fn decode(raw: &[u8]) -> String {
+pub(super) fn decode(raw: &[u8]) -> String {
     let mut decoded = Vec::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(at) = memchr::memchr(b'\\', rest) {
@@ -1018,7 +1024,7 @@ impl<'a> TapeNode<'a> {
 
 /// Equal numbers (compared exactly, as `jsonschema` compares them) hash
 /// alike: integers by their value, whatever the type holding them.
-fn hash_number(number: &Number, state: &mut impl Hasher) {
+pub(super) fn hash_number(number: &Number, state: &mut impl Hasher) {
     // Past 2^127 every float is whole and no u64 or i64 equals it.
     const I128_RANGE: f64 = 1.7e38;
     if let Some(value) = number.as_u64() {
@@ -1037,7 +1043,7 @@ fn hash_number(number: &Number, state: &mut impl Hasher) {
 
 /// Rebuilds the value starting at the front of `bytes` (the rest of the
 /// body from the node on): only for an error someone reads the instance of.
-fn materialize(bytes: &[u8], _tag: u32) -> Value {
+pub(super) fn materialize(bytes: &[u8], _tag: u32) -> Value {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     Value::deserialize(&mut deserializer).unwrap_or(Value::Null)
 }
@@ -1428,8 +1434,10 @@ impl<'a> Iterator for Elements<'a> {
     }
 }
 
+// `policy::json_dense` and `policy::schema` test against the same
+// documents and schemas.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use jsonschema::json::JsonNumber;
     use proptest::collection::vec;
@@ -1588,7 +1596,7 @@ mod tests {
     /// A JSON document to be written out, with the choices `serde_json`
     /// never makes: escapes, spacing, repeated names.
     #[derive(Debug, Clone)]
-    enum Doc {
+    pub(crate) enum Doc {
         Null,
         Bool(bool),
         Number(String),
@@ -1651,7 +1659,7 @@ mod tests {
         ]
     }
 
-    fn doc() -> impl Strategy<Value = Doc> {
+    pub(crate) fn doc() -> impl Strategy<Value = Doc> {
         let leaf = prop_oneof![
             Just(Doc::Null),
             any::<bool>().prop_map(Doc::Bool),
@@ -1742,13 +1750,13 @@ mod tests {
         }
     }
 
-    fn text_of(doc: &Doc) -> String {
+    pub(crate) fn text_of(doc: &Doc) -> String {
         let mut out = String::new();
         write(doc, &mut out);
         out
     }
 
-    fn schemas() -> Vec<Value> {
+    pub(crate) fn schemas() -> Vec<Value> {
         vec![
             json!({"type": "object"}),
             json!({"type": ["array", "string"]}),
@@ -2053,7 +2061,7 @@ mod tests {
         assert!(Document::parse(&too_deep).is_err());
     }
 
-    const INSERTS: &[&[u8]] = &[
+    pub(crate) const INSERTS: &[&[u8]] = &[
         b"{",
         b"}",
         b"[",
@@ -2117,7 +2125,7 @@ mod tests {
         }
     }
 
-    fn repeat_to(unit: &str, size: usize, open: &str, close: &str) -> String {
+    pub(crate) fn repeat_to(unit: &str, size: usize, open: &str, close: &str) -> String {
         let mut text = String::with_capacity(size + unit.len() + 2);
         text.push_str(open);
         while text.len() + unit.len() + close.len() < size {
@@ -2131,7 +2139,7 @@ mod tests {
     }
 
     /// Shapes meant to cost the most per byte, of about `size` bytes each.
-    fn costly_shapes(size: usize) -> Vec<(&'static str, String)> {
+    pub(crate) fn costly_shapes(size: usize) -> Vec<(&'static str, String)> {
         let nested = format!("{}0{}", "[".repeat(126), "]".repeat(126));
         let sixteen: Vec<String> = (b'a'..=b'p')
             .map(|c| format!("\"{}\":0", char::from(c)))

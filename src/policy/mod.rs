@@ -4,6 +4,7 @@
 //! right after JWT) — and acts on the first [`crate::reject::Rejection`].
 
 pub mod csrf;
+pub mod json_dense;
 pub mod json_tape;
 pub mod jwt;
 pub mod limits;
