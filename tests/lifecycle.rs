@@ -824,3 +824,46 @@ async fn a_proxy_whose_stdout_nobody_reads_keeps_serving() {
     let dropped = sample(&text, "portcullis_log_lines_dropped_total", &[]).unwrap_or(0.0);
     assert!(dropped > 0.0, "no dropped lines counted:\n{text}");
 }
+
+/// A second proxy told to listen where one already does refuses to start,
+/// instead of sharing the port through its workers' `SO_REUSEPORT`
+/// listeners and silently taking part of the traffic.
+#[tokio::test]
+async fn a_second_proxy_on_a_busy_https_port_refuses_to_start() {
+    let upstream = Upstream::start().await;
+    let first = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let text = std::fs::read_to_string(&first.config_path).unwrap();
+    let busy = format!("https_listen = \"{}\"", first.https);
+    let second_config = first.dir.path().join("second.toml");
+    std::fs::write(
+        &second_config,
+        text.replace("https_listen = \"127.0.0.1:0\"", &busy),
+    )
+    .unwrap();
+    let mut second = tokio::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&second_config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), second.wait()).await;
+    let Ok(Ok(status)) = status else {
+        panic!("the second proxy is still running on {}", first.https);
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = second.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        pipe.read_to_string(&mut stderr).await.unwrap();
+    }
+    assert!(!status.success(), "exited {status}: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", first.https)),
+        "{stderr}"
+    );
+    // The first one serves on.
+    assert_eq!(first.client().get("/still-here").await.status, 200);
+}

@@ -52,12 +52,19 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     Ok(socket.into())
 }
 
-/// One listener per worker on the same address; the first resolves port 0.
+/// One listener per worker on the same address.
+///
+/// `SO_REUSEPORT` would as readily share the port with another process
+/// already listening there with it (an old instance left running), and the
+/// kernel would silently split the connections between the two. A socket
+/// without it cannot bind a port that anyone listens on, so one is bound
+/// first, alone, to find out (and to resolve port 0), then let go.
 fn bind_workers(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let first = bind(addr, true).with_context(|| format!("cannot listen on {addr}"))?;
-    let actual = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..workers {
+    let alone = bind(addr, false).with_context(|| format!("cannot listen on {addr}"))?;
+    let actual = alone.local_addr()?;
+    drop(alone);
+    let mut listeners = Vec::with_capacity(workers);
+    for _ in 0..workers {
         listeners.push(bind(actual, true).with_context(|| format!("cannot listen on {actual}"))?);
     }
     Ok(listeners)
