@@ -115,49 +115,83 @@ impl fmt::Debug for LimitKey {
     }
 }
 
-/// Builds the key of a request for `source`: `Ip` is the client address (IPv6 masked
-/// to /64, IPv4-mapped IPv6 as IPv4); `Sub` the verified subject, falling back to the
-/// client address when there is none (or it is empty); `Header(name)` that header's
-/// raw value (the first, if repeated), falling back to the client address when it is
-/// absent or empty. `client_ip` is the resolved real client ([`client_ip`]).
+/// What a request is counted by, borrowed from the request: the client
+/// address (IPv6 masked to /64, IPv4-mapped IPv6 as IPv4), the verified
+/// subject, or the raw value of the route's key header. Both backends start
+/// from it: [`KeyMaterial::to_limit_key`] for this process's table, and the
+/// shared (Redis) limiter's cross-instance key name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum KeyMaterial<'a> {
+    Ip(IpAddr),
+    Sub(&'a str),
+    Header(&'a [u8]),
+}
+
+/// Header values may be API keys: never print them.
+impl fmt::Debug for KeyMaterial<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyMaterial::Ip(ip) => f.debug_tuple("Ip").field(ip).finish(),
+            KeyMaterial::Sub(sub) => write!(f, "Sub(<{} bytes>)", sub.len()),
+            KeyMaterial::Header(v) => write!(f, "Header(<{} bytes>)", v.len()),
+        }
+    }
+}
+
+/// What a request counts against for `source`: `Ip` is the client address;
+/// `Sub` the verified subject, falling back to the client address when there
+/// is none (or it is empty); `Header(name)` that header's raw value (the
+/// first, if repeated), falling back to the client address when it is absent
+/// or empty. `client_ip` is the resolved real client ([`client_ip`]).
+pub fn key_material<'a>(
+    source: &KeySource,
+    client_ip: IpAddr,
+    headers: &'a HeaderMap,
+    subject: Option<&'a str>,
+) -> KeyMaterial<'a> {
+    match source {
+        KeySource::Ip => KeyMaterial::Ip(masked_ip(client_ip)),
+        KeySource::Sub => match subject {
+            Some(sub) if !sub.is_empty() => KeyMaterial::Sub(sub),
+            _ => KeyMaterial::Ip(masked_ip(client_ip)),
+        },
+        KeySource::Header(name) => match headers.get(name) {
+            Some(value) if !value.is_empty() => KeyMaterial::Header(value.as_bytes()),
+            _ => KeyMaterial::Ip(masked_ip(client_ip)),
+        },
+    }
+}
+
+impl KeyMaterial<'_> {
+    /// This process's key: values longer than [`MAX_INLINE_KEY_BYTES`] become
+    /// a digest keyed per process.
+    pub fn to_limit_key(&self) -> LimitKey {
+        match *self {
+            KeyMaterial::Ip(ip) => LimitKey::Ip(ip),
+            KeyMaterial::Sub(sub) if sub.len() <= MAX_INLINE_KEY_BYTES => LimitKey::Sub(sub.into()),
+            KeyMaterial::Sub(sub) => digest_key(DigestDomain::Sub, sub.as_bytes()),
+            KeyMaterial::Header(raw) if raw.len() <= MAX_INLINE_KEY_BYTES => {
+                LimitKey::Header(raw.into())
+            }
+            KeyMaterial::Header(raw) => digest_key(DigestDomain::Header, raw),
+        }
+    }
+}
+
+/// [`key_material`], as this process's [`LimitKey`].
 pub fn limit_key(
     source: &KeySource,
     client_ip: IpAddr,
     headers: &HeaderMap,
     subject: Option<&str>,
 ) -> LimitKey {
-    match source {
-        KeySource::Ip => ip_key(client_ip),
-        KeySource::Sub => match subject {
-            Some(sub) if !sub.is_empty() => {
-                if sub.len() <= MAX_INLINE_KEY_BYTES {
-                    LimitKey::Sub(sub.into())
-                } else {
-                    digest_key(DigestDomain::Sub, sub.as_bytes())
-                }
-            }
-            _ => ip_key(client_ip),
-        },
-        KeySource::Header(name) => match headers.get(name) {
-            Some(value) if !value.is_empty() => {
-                let raw = value.as_bytes();
-                if raw.len() <= MAX_INLINE_KEY_BYTES {
-                    LimitKey::Header(raw.into())
-                } else {
-                    digest_key(DigestDomain::Header, raw)
-                }
-            }
-            _ => ip_key(client_ip),
-        },
-    }
+    key_material(source, client_ip, headers, subject).to_limit_key()
 }
 
-fn ip_key(ip: IpAddr) -> LimitKey {
+fn masked_ip(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => LimitKey::Ip(IpAddr::V4(v4)),
-        IpAddr::V6(v6) => LimitKey::Ip(IpAddr::V6(Ipv6Addr::from_bits(
-            v6.to_bits() & (u128::MAX << 64),
-        ))),
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & (u128::MAX << 64))),
     }
 }
 
