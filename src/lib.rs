@@ -16,6 +16,7 @@ pub mod path;
 pub mod pipeline;
 pub mod policy;
 pub mod redirect;
+pub mod redis_limits;
 pub mod reject;
 pub mod request_body;
 pub mod routes;

@@ -10,7 +10,8 @@
 //!   1. normalize the path                        → 400   path.rs
 //!   2. match the route                                   routes.rs
 //!   3. policies in SPEC's order                  → 4xx   policy/*.rs
-//!        body limit (413) · method (405) · rate limit (429)
+//!        body limit (413) · method (405) · rate limit (429;
+//!        503 with on_error = "deny" while Redis fails)   redis_limits.rs
 //!        · JWT (401) · rate limit by sub (429) · scopes (403)
 //!        · CSRF (403) · JSON schema (415, 413, 400)   policy/csrf.rs, schema.rs
 //!   4. build the upstream request                        forward.rs
@@ -35,9 +36,10 @@ use crate::connection::ConnInfo;
 use crate::forward;
 use crate::path;
 use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
-use crate::policy::rate_limit::{self, RateLimitInfo};
+use crate::policy::rate_limit::{self, OnError, RateLimitInfo, RouteLimiter};
 use crate::policy::schema::{self, RouteSchema};
 use crate::policy::{csrf, limits, method, scopes};
+use crate::redis_limits::SharedAnswer;
 use crate::reject::Rejection;
 use crate::request_body::{self, RequestBody};
 use crate::routes::RouteRuntime;
@@ -286,9 +288,7 @@ async fn run_route_policies(
     let limiter = route.limiter.as_deref();
     let by_subject = limiter.is_some_and(|l| l.spec().key == rate_limit::KeySource::Sub);
     if let Some(limiter) = limiter.filter(|_| !by_subject) {
-        let key =
-            rate_limit::limit_key(&limiter.spec().key, ctx.record.client, &parts.headers, None);
-        ctx.rate_limit_info = Some(limiter.check(&key).map_err(Rejection::RateLimited)?);
+        check_rate_limit(ctx, route, limiter, parts, None).await?;
     }
     let token = if route.config.jwt {
         Some(authenticate(ctx, route, parts).await?)
@@ -340,19 +340,50 @@ async fn authenticate(
         .as_deref()
         .filter(|l| l.spec().key == rate_limit::KeySource::Sub)
     {
-        let key = rate_limit::limit_key(
-            &limiter.spec().key,
-            ctx.record.client,
-            &parts.headers,
-            verified.subject(),
-        );
-        ctx.rate_limit_info = Some(limiter.check(&key).map_err(Rejection::RateLimited)?);
+        check_rate_limit(ctx, route, limiter, parts, verified.subject()).await?;
     }
     if !route.config.scopes.is_empty() {
         scopes::check(&route.config.scopes, &verified.scopes())
             .map_err(|missing| Rejection::InsufficientScope(missing.to_string()))?;
     }
     Ok(verified)
+}
+
+/// The rate limit: shared on Redis with `[redis]` (this instance's own
+/// limiter, or none, or a 503 while Redis fails, as `on_error` says), else
+/// this instance's own. Remembers the headers an allowed request carries.
+async fn check_rate_limit(
+    ctx: &mut RequestContext<'_>,
+    route: &RouteRuntime,
+    limiter: &RouteLimiter,
+    parts: &Parts,
+    subject: Option<&str>,
+) -> Result<(), Rejection> {
+    let material = rate_limit::key_material(
+        &limiter.spec().key,
+        ctx.record.client,
+        &parts.headers,
+        subject,
+    );
+    let shared = ctx.runtime.redis.as_ref().zip(route.shared_quota.as_ref());
+    let answer = match shared {
+        None => limiter.check(&material.to_limit_key()),
+        Some((redis, quota)) => {
+            match redis
+                .check(ctx.conn.worker, &route.label, quota, &material)
+                .await
+            {
+                SharedAnswer::Decided(answer) => answer,
+                SharedAnswer::Unavailable => match redis.on_error() {
+                    OnError::Local => limiter.check(&material.to_limit_key()),
+                    OnError::Allow => return Ok(()),
+                    OnError::Deny => return Err(Rejection::RateLimitUnavailable),
+                },
+            }
+        }
+    };
+    ctx.rate_limit_info = Some(answer.map_err(Rejection::RateLimited)?);
+    Ok(())
 }
 
 /// The schema policy: a JSON media type (415), the body read whole up to the

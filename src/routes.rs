@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::config::Route;
-use crate::policy::rate_limit::RouteLimiter;
+use crate::policy::rate_limit::{RouteLimiter, SharedQuota};
 use crate::telemetry::RouteMetrics;
 
 /// A route ready to judge requests: its configuration plus what the policies
@@ -22,6 +22,8 @@ pub struct RouteRuntime {
     pub config: Route,
     pub allow: Option<HeaderValue>,
     pub limiter: Option<Arc<RouteLimiter>>,
+    /// The limit as the shared (Redis) limiter's script arguments.
+    pub shared_quota: Option<SharedQuota>,
     pub max_body_bytes: u64,
     pub metrics: RouteMetrics,
 }

@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::filters::ResponseFilters;
 use crate::policy::jwt::{JwtVerifier, KeyFetcher, RemoteKeys, VerifierConfig};
 use crate::policy::method;
-use crate::policy::rate_limit::RouteLimiter;
+use crate::policy::rate_limit::{RouteLimiter, SharedQuota};
+use crate::redis_limits::RedisLimits;
 use crate::routes::{RouteRuntime, RouteTable};
 use crate::telemetry::{Metrics, RouteMetrics};
 use crate::upstream::UpstreamClient;
@@ -37,6 +38,9 @@ pub struct Runtime {
     pub identity_headers: Vec<HeaderName>,
     /// The verifier and its key fetcher; `None` without `[jwt]`.
     pub jwt: Option<JwtRuntime>,
+    /// The shared rate limiter; `None` without `[redis]` or without any
+    /// rate-limited route (then nothing ever contacts Redis).
+    pub redis: Option<Arc<RedisLimits>>,
 }
 
 /// The live side of `[jwt]`.
@@ -66,8 +70,9 @@ impl JwtRuntime {
 
 impl Runtime {
     /// Builds the runtime. `previous` lets a reload keep what did not change:
-    /// a route's limiter (and its counts) when its limit is the same, and the
-    /// upstream pools when `[upstream]` is the same. The JWT verifier is
+    /// a route's limiter (and its counts) when its limit is the same, the
+    /// upstream pools when `[upstream]` is the same, and the Redis
+    /// connections when `[redis]` is. The JWT verifier is
     /// always new: a reload re-reads the secret and the key files, refetches
     /// `jwks_url` at once, and empties the verified-token cache (which the
     /// README promises).
@@ -97,6 +102,7 @@ impl Runtime {
                 });
                 let label: Arc<str> = Arc::from(route.path.as_str());
                 RouteRuntime {
+                    shared_quota: route.rate_limit.as_ref().map(SharedQuota::new),
                     metrics: RouteMetrics::new(metrics, label.clone()),
                     label,
                     allow: route.methods.as_deref().and_then(method::allow_header),
@@ -124,7 +130,24 @@ impl Runtime {
             .as_ref()
             .map(|jwt| JwtRuntime::build(&jwt.verifier))
             .transpose()?;
+        let rate_limited = config.routes.iter().any(|r| r.rate_limit.is_some());
+        let redis = match (&config.redis, previous) {
+            (Some(_), _) if !rate_limited => {
+                tracing::info!(
+                    "[redis] is configured but no route has a rate_limit: Redis is not contacted"
+                );
+                None
+            }
+            (Some(settings), Some(p))
+                if p.redis.as_ref().is_some_and(|r| r.settings() == settings) =>
+            {
+                p.redis.clone()
+            }
+            (Some(settings), _) => Some(RedisLimits::new(settings, workers, metrics)?),
+            (None, _) => None,
+        };
         Ok(Runtime {
+            redis,
             filters: ResponseFilters::from_config(&config),
             tls,
             routes: RouteTable::new(routes, metrics, config.server.case_insensitive_routes),

@@ -339,6 +339,10 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub active_connections: Gauge<i64, AtomicI64>,
     pub tls_handshakes: Family<VersionLabels, Counter>,
+    /// 1 while the last `[redis]` operation succeeded; 0 before the first,
+    /// while the circuit is open, and without `[redis]`.
+    pub redis_up: Gauge,
+    pub redis_errors: Family<KindLabels, Counter>,
     registry: Registry,
 }
 
@@ -354,6 +358,8 @@ impl Metrics {
         let rejections = Family::<ReasonLabels, Counter>::default();
         let active_connections = Gauge::<i64, AtomicI64>::default();
         let tls_handshakes = Family::<VersionLabels, Counter>::default();
+        let redis_up = Gauge::default();
+        let redis_errors = Family::<KindLabels, Counter>::default();
         let mut registry = Registry::with_prefix("portcullis");
         registry.register(
             "requests",
@@ -395,6 +401,16 @@ impl Metrics {
             "Completed TLS handshakes, by protocol version",
             tls_handshakes.clone(),
         );
+        registry.register(
+            "redis_up",
+            "1 while the last [redis] operation succeeded, else 0",
+            redis_up.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Failed [redis] operations, by kind (timeout, refused, error)",
+            redis_errors.clone(),
+        );
         // Every known label value starts at 0, so each family is exposed from
         // the first scrape and `rate()`/`increase()` see the first event.
         for kind in UPSTREAM_ERROR_KINDS {
@@ -402,6 +418,9 @@ impl Metrics {
         }
         for reason in REJECTION_REASONS {
             let _ = rejections.get_or_create(&ReasonLabels { reason });
+        }
+        for kind in ["timeout", "refused", "error"] {
+            let _ = redis_errors.get_or_create(&KindLabels { kind });
         }
         for version in ["1.2", "1.3"] {
             let _ = tls_handshakes.get_or_create(&VersionLabels { version });
@@ -415,6 +434,8 @@ impl Metrics {
             rejections,
             active_connections,
             tls_handshakes,
+            redis_up,
+            redis_errors,
             registry,
         }
     }

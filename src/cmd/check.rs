@@ -29,6 +29,15 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
     if let Some(jwt) = &config.jwt {
         println!("jwt: {}", jwt.verifier.summary());
     }
+    if let Some(redis) = &config.redis {
+        println!(
+            "redis: {} (rate limits shared under \"{}:\", timeout {:?}, on_error {}; not contacted by check)",
+            redis.display_url(),
+            redis.key_prefix,
+            redis.timeout,
+            redis.on_error.as_str()
+        );
+    }
     if let Some(acme) = &config.acme {
         println!("acme: {} ({})", acme.domains.join(", "), acme.challenge);
     }

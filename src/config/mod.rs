@@ -121,12 +121,37 @@ pub struct Log {
     pub level: String,
 }
 
-/// Parsed and checked, not yet used by this build (see README, "Not yet built").
+/// `[redis]`: where rate limits are shared between instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redis {
+    /// As written; it may carry a password, so logs use [`Redis::display_url`].
     pub url: String,
     pub key_prefix: String,
+    /// Per operation; a slower answer counts as a failure.
     pub timeout: Duration,
-    pub on_error: String,
+    pub on_error: crate::policy::rate_limit::OnError,
+}
+
+impl Redis {
+    /// The URL without its user information (`redis://:secret@host` →
+    /// `redis://host`) or query, for logs and errors.
+    pub fn display_url(&self) -> String {
+        redacted_url(&self.url)
+    }
+}
+
+/// `url` without user information (anything between `://` and the last `@`
+/// of its authority) or query (`unix:///run/redis.sock?pass=...`).
+pub fn redacted_url(url: &str) -> String {
+    let url = url.split_once('?').map_or(url, |(before, _)| before);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 /// Parsed and checked, not yet used by this build (see README, "Not yet built").
@@ -270,5 +295,35 @@ mod tests {
         let src = "[server]\nx = 1\n[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nrate_limit = { rate = \"ten\" }\n";
         let offset = locate(src, "routes[1].rate_limit.rate").unwrap();
         assert_eq!(line_col(src, offset), (7, 23));
+    }
+}
+
+#[cfg(test)]
+mod redis_url_tests {
+    use super::redacted_url;
+
+    #[test]
+    fn a_password_never_reaches_a_log() {
+        assert_eq!(
+            redacted_url("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://10.0.0.5:6379/0"
+        );
+        assert_eq!(
+            redacted_url("rediss://user:p@ss@cache.internal:6380"),
+            "rediss://cache.internal:6380"
+        );
+        assert_eq!(
+            redacted_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redacted_url("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
+        );
+        assert_eq!(
+            redacted_url("unix:///run/redis.sock?db=1&pass=s3cret"),
+            "unix:///run/redis.sock"
+        );
+        assert_eq!(redacted_url("redis://host:1/0#a@b"), "redis://host:1/0#a@b");
     }
 }

@@ -534,26 +534,54 @@ fn log(s: &file::LogSection) -> Result<Log> {
 }
 
 fn redis(s: &file::RedisSection) -> Result<Redis> {
-    if !s.url.starts_with("redis://") && !s.url.starts_with("rediss://") {
+    use redis::IntoConnectionInfo as _;
+    let shown = super::redacted_url(&s.url);
+    let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|scheme| s.url.starts_with(scheme));
+    if !scheme_ok {
         return Err(invalid(
             "redis.url",
-            format!(r#"expected "redis://HOST:PORT", got "{}""#, s.url),
-        ));
-    }
-    if !matches!(s.on_error.as_str(), "local" | "allow" | "deny") {
-        return Err(invalid(
-            "redis.on_error",
             format!(
-                r#"expected "local", "allow" or "deny", got "{}""#,
-                s.on_error
+                r#"expected "redis://HOST:PORT", "rediss://HOST:PORT" (TLS) or "unix:///PATH", got "{shown}""#
             ),
         ));
     }
+    // Parsing only: `check` never contacts Redis.
+    if let Err(error) = s.url.as_str().into_connection_info() {
+        return Err(invalid(
+            "redis.url",
+            format!(r#"cannot be used ("{shown}"): {error}"#),
+        ));
+    }
+    if s.timeout.0.is_zero() {
+        return Err(invalid(
+            "redis.timeout",
+            "must be more than 0 (a slower answer counts as a failure)",
+        ));
+    }
+    if s.key_prefix.is_empty()
+        || s.key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            "redis.key_prefix",
+            format!(
+                "expected a non-empty prefix without spaces or control characters, got {:?}",
+                s.key_prefix
+            ),
+        ));
+    }
+    let on_error = s
+        .on_error
+        .parse()
+        .map_err(|message: String| invalid("redis.on_error", message))?;
     Ok(Redis {
         url: s.url.clone(),
         key_prefix: s.key_prefix.clone(),
         timeout: s.timeout.0,
-        on_error: s.on_error.clone(),
+        on_error,
     })
 }
 

@@ -66,6 +66,11 @@ pub(super) async fn worker_loop(
         }
     };
     let mut builders = Arc::new(http_builders(&shared.runtime.load()));
+    // Opened here, on this worker's runtime, so that the first rate-limited
+    // request finds it (a reload's new [redis] opens on first use).
+    if let Some(redis) = &shared.runtime.load().redis {
+        redis.warm(worker);
+    }
     loop {
         let Some(mut permit) = acquire_slot(&shared).await else {
             return;

@@ -19,31 +19,38 @@
 //! * `store.rs`: where the per-key states live, capped, with the overflow bucket
 //!   and the sweep;
 //! * `headers.rs`: what the answer carries (`RateLimit-Policy`, `RateLimit`,
-//!   `Retry-After`: [`RateLimitInfo`], [`RateLimited`]).
+//!   `Retry-After`: [`RateLimitInfo`], [`RateLimited`]);
+//! * `shared.rs`: the shared (Redis) limiter's decision: cross-instance key
+//!   names, the GCRA script and its arguments, replies as the same answers,
+//!   `on_error` ([`SharedQuota`], [`shared_key`], [`OnError`]);
+//! * `circuit.rs`: when to stop asking a failing Redis and when to probe it
+//!   again ([`Circuit`]).
 //!
-//! # Where the shared (Redis) limiter slots in
+//! # The two backends
 //!
-//! `[redis]` is a later issue. The seam is deliberately small:
-//!
-//! * a Redis backend runs the same GCRA (a Lua script over `key_prefix`, the route and
-//!   the [`LimitKey`]), fed by [`Rate::interval`] and [`RateLimitSpec::burst`], and
-//!   builds its answers with [`RateLimitInfo::allowed`] and [`RateLimited::after`], so
-//!   both backends round `Retry-After` and render headers identically;
-//! * it is async (one round-trip bounded by `redis.timeout`) and therefore lives next
-//!   to, not behind, [`RouteLimiter::check`]: every rate-limited route keeps its
-//!   `RouteLimiter`, which is also the `on_error = "local"` fallback while Redis fails;
-//! * [`LimitKey::Digest`] is keyed per process, so a shared backend must derive its
-//!   own cross-instance name for long keys (e.g. SHA-256 of the raw value).
+//! Without `[redis]`, [`RouteLimiter::check`] decides. With it, the shared
+//! limiter (live side: `crate::redis_limits`) runs the same GCRA in one
+//! script on Redis, and every rate-limited route keeps its `RouteLimiter`
+//! as the `on_error = "local"` fallback. Both start from the request's
+//! [`KeyMaterial`] and build their answers with [`RateLimitInfo::allowed`] and
+//! [`RateLimited::after`], so `Retry-After` and the headers are rounded and
+//! rendered identically.
 
+mod circuit;
 mod headers;
 mod key;
 mod limiter;
+mod shared;
 mod spec;
 mod store;
 
+pub use circuit::{Admit, Circuit, Transition};
 pub use headers::{QuotaPolicy, RATELIMIT, RATELIMIT_POLICY, RateLimitInfo, RateLimited};
-pub use key::{KeySource, LimitKey, MAX_INLINE_KEY_BYTES, client_ip, limit_key};
+pub use key::{
+    KeyMaterial, KeySource, LimitKey, MAX_INLINE_KEY_BYTES, client_ip, key_material, limit_key,
+};
 pub use limiter::RouteLimiter;
+pub use shared::{GCRA_SCRIPT, OnError, SharedQuota, shared_key};
 pub use spec::{Rate, RateLimitConfigError, RateLimitSpec};
 
 /// Builders shared by the unit tests of every file here.
