@@ -8,7 +8,7 @@
 #   DURATION=10s            length of each wrk / h2load run
 #   ROUNDS=3                rounds; servers alternate inside a round, medians are reported
 #   SERVERS="nginx haproxy h2o portcullis direct"
-#   SCENARIOS="ka h2 hs mem jwt checks"
+#   SCENARIOS="ka h2 hs mem jwt checks limits"
 #                           ka  keep-alive HTTPS/1.1 (wrk -t2 -c64 --latency)
 #                           h2  HTTP/2 (h2load -c32 -m10 -t2)
 #                           hs  full TLS handshakes, no resumption (bench/handshake.py)
@@ -16,6 +16,10 @@
 #                           jwt portcullis only: jwt = true + rate_limit route vs a plain route
 #                           checks portcullis only: csrf = true and json_schema routes vs a plain
 #                               route, POSTs of the same bodies (bench/wrk_post.lua, bench/checks.py)
+#                           limits portcullis only: a rate-limited route shared on Redis ([redis], a
+#                               redis-server on REDIS_PORT) vs the same route limited in-process vs
+#                               /plain, then the Redis-limited route with Redis frozen (SIGSTOP)
+#                               (bench/limits.py)
 #   PORTCULLIS_BIN=path     use this binary instead of `cargo build --release`
 #   HANDSHAKES=2000         new connections in the hs scenario
 #   HS_TLS=1.3              TLS version of the hs scenario: 1.3, 1.2 or any
@@ -25,7 +29,7 @@
 #   SKIP_INSTALL=1          do not apt-get anything (tools must be on PATH)
 #   KEEP_TMP=1              keep the temporary directory (configs, logs)
 #   RESULTS_DIR=bench/results
-#   UPSTREAM_PORT=18080 STATUS_PORT=18081 PROXY_PORT=18443
+#   UPSTREAM_PORT=18080 STATUS_PORT=18081 PROXY_PORT=18443 REDIS_PORT=18379
 
 set -euo pipefail
 
@@ -35,7 +39,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-3}"
 SERVERS="${SERVERS:-nginx haproxy h2o portcullis direct}"
-SCENARIOS="${SCENARIOS:-ka h2 hs mem jwt checks}"
+SCENARIOS="${SCENARIOS:-ka h2 hs mem jwt checks limits}"
 HANDSHAKES="${HANDSHAKES:-2000}"
 HS_TLS="${HS_TLS:-1.3}"
 HS_CONCURRENCY="${HS_CONCURRENCY:-4}"
@@ -46,6 +50,7 @@ RESULTS_DIR="${RESULTS_DIR:-$HERE/results}"
 UPSTREAM_PORT="${UPSTREAM_PORT:-18080}"
 STATUS_PORT="${STATUS_PORT:-18081}"
 PROXY_PORT="${PROXY_PORT:-18443}"
+REDIS_PORT="${REDIS_PORT:-18379}"
 WRK_THREADS="${WRK_THREADS:-2}"
 WRK_CONNECTIONS="${WRK_CONNECTIONS:-64}"
 H2_CLIENTS="${H2_CLIENTS:-32}"
@@ -65,7 +70,7 @@ for s in $SERVERS; do
     case "$s" in nginx | haproxy | h2o | portcullis | direct) ;; *) die "unknown server '$s' in SERVERS" ;; esac
 done
 for s in $SCENARIOS; do
-    case "$s" in ka | h2 | hs | mem | jwt | checks) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
+    case "$s" in ka | h2 | hs | mem | jwt | checks | limits) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
 done
 
 # seconds in DURATION (wrk and h2load both take 10s / 2m / 10)
@@ -97,6 +102,7 @@ install_tools() {
     command -v curl >/dev/null || missing+=(curl)
     command -v "$PYTHON" >/dev/null || { missing+=(python3); PYTHON=python3; }
     command -v setsid >/dev/null || missing+=(util-linux)
+    if has limits "$SCENARIOS"; then command -v redis-server >/dev/null || missing+=(redis-server); fi
     if [[ ${#missing[@]} -eq 0 ]]; then
         log "tools present: nginx haproxy h2o wrk h2load openssl curl $PYTHON"
         return
@@ -500,6 +506,27 @@ EOF
     log "checks scenario bodies: $bodies_info"
 fi
 
+# limits scenario: the same effectively unlimited rate_limit (it never
+# refuses, so every request is forwarded) on /limited, counted in-process by
+# proxy.toml and on Redis by proxy-redis.toml (proxy.toml plus [redis]).
+if has portcullis "$SERVERS" && has limits "$SCENARIOS"; then
+    cat >>"$T/portcullis/proxy.toml" <<EOF
+
+[[routes]]
+path = "/limited"
+rate_limit = { rate = "100000000/s", burst = 100000000, key = "ip" }
+EOF
+    cp "$T/portcullis/proxy.toml" "$T/portcullis/proxy-redis.toml"
+    cat >>"$T/portcullis/proxy-redis.toml" <<EOF
+
+[redis]
+url = "redis://$HOST:$REDIS_PORT"
+key_prefix = "bench"
+timeout = "25ms"
+on_error = "local"
+EOF
+fi
+
 log "checking configurations"
 nginx -t -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" 2>"$T/logs/check-upstream.txt" ||
     { cat "$T/logs/check-upstream.txt" >&2; die "upstream nginx config"; }
@@ -518,6 +545,10 @@ fi
 if has portcullis "$SERVERS"; then
     "$PORTCULLIS" check --config "$T/portcullis/proxy.toml" >"$T/logs/check-portcullis.txt" 2>&1 ||
         { cat "$T/logs/check-portcullis.txt" >&2; die "portcullis config"; }
+    if has limits "$SCENARIOS"; then
+        "$PORTCULLIS" check --config "$T/portcullis/proxy-redis.toml" >"$T/logs/check-portcullis-redis.txt" 2>&1 ||
+            { cat "$T/logs/check-portcullis-redis.txt" >&2; die "portcullis config with [redis]"; }
+    fi
     TOKEN="$("$PORTCULLIS" token --config "$T/portcullis/proxy.toml" --sub bench --ttl 24h)" ||
         die "portcullis token failed"
 fi
@@ -534,14 +565,14 @@ start_upstream() {
 }
 
 SERVER_PID=""
-start_server() { # start_server NAME
-    local name="$1" d="$T/$1"
+start_server() { # start_server NAME [PORTCULLIS_CONFIG]
+    local name="$1" d="$T/$1" config="${2:-$T/portcullis/proxy.toml}"
     port_open "$PROXY_PORT" && die "port $PROXY_PORT still in use before starting $name"
     case "$name" in
         nginx) start_bg nginx "$d/run" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" ;;
         haproxy) start_bg haproxy "$d/run" haproxy -db -f "$d/haproxy.cfg" ;;
         h2o) start_bg h2o "$d/run" h2o -c "$d/h2o.conf" ;;
-        portcullis) start_bg portcullis "$d/run" "$PORTCULLIS" run --config "$d/proxy.toml" ;;
+        portcullis) start_bg portcullis "$d/run" "$PORTCULLIS" run --config "$config" ;;
     esac
     SERVER_PID=$STARTED_PID
     if ! wait_port "$PROXY_PORT" "$SERVER_PID" "$name"; then
@@ -704,6 +735,7 @@ run_server_round() { # run_server_round ROUND SERVER
     for s in ka h2 hs; do has $s "$SCENARIOS" && need=1; done
     [[ "$name" == portcullis ]] && has jwt "$SCENARIOS" && need=1
     [[ "$name" == portcullis ]] && has checks "$SCENARIOS" && need=1
+    [[ "$name" == portcullis ]] && has limits "$SCENARIOS" && need=1
     [[ $need == 1 ]] || return 0
     start_server "$name"
     [[ "$round" == 1 ]] && smoke_check "$name"
@@ -763,8 +795,43 @@ run_server_round() { # run_server_round ROUND SERVER
                 ${hdrs[@]+"${hdrs[@]}"} "$url$path"
         done
     fi
+    if [[ "$name" == portcullis ]] && has limits "$SCENARIOS"; then
+        local order=(limits_plain limits_local) sc path
+        ((round % 2 == 0)) && order=(limits_local limits_plain)
+        for sc in "${order[@]}"; do
+            path=/plain
+            [[ "$sc" == limits_local ]] && path=/limited
+            measure "$round" portcullis "$sc" wrk "$SERVER_PID" \
+                wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url$path"
+        done
+        # the same route, counted on Redis; then with Redis frozen (accepting,
+        # never answering): 3 requests wait out the timeout, then the circuit
+        # opens and the in-process limiter decides
+        stop_server "$name"
+        start_server "$name" "$T/portcullis/proxy-redis.toml"
+        measure "$round" portcullis limits_redis wrk "$SERVER_PID" \
+            wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/limited"
+        kill -STOP "$REDIS_PID"
+        measure "$round" portcullis limits_frozen wrk "$SERVER_PID" \
+            wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/limited"
+        kill -CONT "$REDIS_PID"
+        # diagnostics go to standard error (stdout carries access and security records only)
+        grep -q 'redis is failing' "$T/portcullis/run.stderr" ||
+            echo "limits_frozen round $round: portcullis never logged 'redis is failing'" >>"$T/notes.txt"
+    fi
     stop_server "$name"
 }
+
+REDIS_PID=""
+if has portcullis "$SERVERS" && has limits "$SCENARIOS"; then
+    port_open "$REDIS_PORT" && die "port $REDIS_PORT (REDIS_PORT) already in use"
+    mkdir -p "$T/redis"
+    start_bg redis "$T/redis/run" redis-server --bind "$HOST" --port "$REDIS_PORT" --save "" --appendonly no \
+        --dir "$T/redis"
+    REDIS_PID=$STARTED_PID
+    wait_port "$REDIS_PORT" "$REDIS_PID" redis || die "redis-server did not start"
+    log "redis-server pid $REDIS_PID on $HOST:$REDIS_PORT"
+fi
 
 start_upstream
 log "upstream nginx pid $UPSTREAM_PID on $HOST:$UPSTREAM_PORT (stub_status on :$STATUS_PORT)"
@@ -834,5 +901,7 @@ cp "$RAW" "$RESULTS_DIR/latest.raw.jsonl"
     --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md" >/dev/null
 # adds the checks scenario's table (if it ran) to both files, then prints the Markdown
 "$PYTHON" "$HERE/checks.py" report --raw "$RAW" --bodies "$CHECKS_DIR/bodies.json" \
-    --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md"
+    --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md" >/dev/null
+# adds the limits scenario's table (if it ran), then prints the Markdown
+"$PYTHON" "$HERE/limits.py" report --raw "$RAW" --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md"
 log "wrote $RESULTS_DIR/latest.md and $RESULTS_DIR/latest.json"
