@@ -13,6 +13,7 @@
 //!        body limit (413) · method (405) · rate limit (429;
 //!        503 with on_error = "deny" while Redis fails)   redis_limits.rs
 //!        · JWT (401) · rate limit by sub (429) · scopes (403)
+//!        · claims (403)                           policy/claims.rs
 //!        · CSRF (403) · JSON schema (415, 413, 400)   policy/csrf.rs, schema.rs
 //!   4. build the upstream request                        forward.rs
 //!   5. send it over the worker's pool            → 502/504 upstream.rs
@@ -38,7 +39,7 @@ use crate::path;
 use crate::policy::jwt::{TokenSource, VerifiedToken, extract_token};
 use crate::policy::rate_limit::{self, OnError, RateLimitInfo, RouteLimiter};
 use crate::policy::schema::{self, RouteSchema};
-use crate::policy::{csrf, limits, method, scopes};
+use crate::policy::{claims, csrf, limits, method, scopes};
 use crate::redis_limits::SharedAnswer;
 use crate::reject::Rejection;
 use crate::request_body::{self, RequestBody};
@@ -307,7 +308,7 @@ async fn run_route_policies(
     Ok(token)
 }
 
-/// JWT, then the rate limit keyed by its subject, then scopes.
+/// JWT, then the rate limit keyed by its subject, then scopes and claims.
 async fn authenticate(
     ctx: &mut RequestContext<'_>,
     route: &RouteRuntime,
@@ -346,6 +347,8 @@ async fn authenticate(
         scopes::check(&route.config.scopes, &verified.scopes())
             .map_err(|missing| Rejection::InsufficientScope(missing.to_string()))?;
     }
+    claims::check(&route.config.claims, &verified.claims)
+        .map_err(|failed| Rejection::InsufficientClaims(failed.claim))?;
     Ok(verified)
 }
 

@@ -41,6 +41,8 @@ pub enum Rejection {
     MissingToken,
     InvalidToken(TokenError),
     InsufficientScope(String),
+    /// The claim (its name in `proxy.toml`) whose rule did not hold.
+    InsufficientClaims(String),
     Csrf(CrossOrigin),
     MethodNotAllowed(HeaderValue),
     BodyTooLarge,
@@ -63,7 +65,9 @@ impl Rejection {
             | Rejection::Schema(_)
             | Rejection::ClientAborted => StatusCode::BAD_REQUEST,
             Rejection::MissingToken | Rejection::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            Rejection::InsufficientScope(_) | Rejection::Csrf(_) => StatusCode::FORBIDDEN,
+            Rejection::InsufficientScope(_)
+            | Rejection::InsufficientClaims(_)
+            | Rejection::Csrf(_) => StatusCode::FORBIDDEN,
             Rejection::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -83,6 +87,7 @@ impl Rejection {
             Rejection::MissingToken => "missing_token",
             Rejection::InvalidToken(_) => "invalid_token",
             Rejection::InsufficientScope(_) => "insufficient_scope",
+            Rejection::InsufficientClaims(_) => "insufficient_claims",
             Rejection::Csrf(_) => "csrf",
             Rejection::MethodNotAllowed(_) => "method_not_allowed",
             Rejection::BodyTooLarge => "body_too_large",
@@ -114,6 +119,7 @@ impl Rejection {
         match self {
             Rejection::InvalidToken(e) => Some(e.detail().into()),
             Rejection::InvalidPath(e) => Some(e.message().into()),
+            Rejection::InsufficientClaims(claim) => Some(format!("claim {claim}").into()),
             Rejection::BadRequest(why) => Some((*why).into()),
             Rejection::Csrf(refused) => Some(match &refused.fetch_site {
                 Some(site) => format!("Sec-Fetch-Site: {site}, origin not allowed").into(),
@@ -147,6 +153,9 @@ impl Rejection {
             Rejection::InvalidToken(_) => "The bearer token is not valid.".into(),
             Rejection::InsufficientScope(scopes) => {
                 format!("The token lacks a required scope ({scopes}).")
+            }
+            Rejection::InsufficientClaims(claim) => {
+                format!("The token does not carry what this resource requires in the claim {claim}.")
             }
             Rejection::Csrf(_) => {
                 "Cross-origin request refused: this endpoint accepts unsafe methods from its own origin only.".into()

@@ -260,12 +260,13 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "reset"];
 
 /// The `reason` values of `portcullis_rejections_total`: SPEC's list, plus
 /// `invalid_request` (a request that cannot be forwarded safely).
-pub const REJECTION_REASONS: [&str; 13] = [
+pub const REJECTION_REASONS: [&str; 14] = [
     "invalid_path",
     "invalid_request",
     "missing_token",
     "invalid_token",
     "insufficient_scope",
+    "insufficient_claims",
     "csrf",
     "method_not_allowed",
     "body_too_large",

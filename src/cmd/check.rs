@@ -64,6 +64,10 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         if !route.scopes.is_empty() {
             policies.push(format!("scopes {}", route.scopes.join(" ")));
         }
+        if !route.claims.is_empty() {
+            let names: Vec<&str> = route.claims.iter().map(|c| c.name.as_str()).collect();
+            policies.push(format!("claims {}", names.join(", ")));
+        }
         if let Some(rl) = &route.rate_limit {
             policies.push(format!(
                 "rate_limit {} burst {} by {}",

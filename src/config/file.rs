@@ -240,6 +240,8 @@ pub struct RouteSection {
     pub jwt: bool,
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Claim path → a value or a list of values (checked in validate.rs).
+    pub claims: Option<toml::Table>,
     pub rate_limit: Option<RateLimitSection>,
     #[serde(default)]
     pub csrf: bool,

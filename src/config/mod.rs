@@ -167,6 +167,8 @@ pub struct Route {
     pub methods: Option<Vec<Method>>,
     pub jwt: bool,
     pub scopes: Vec<String>,
+    /// Claim rules, in the order written; empty when none.
+    pub claims: Vec<crate::policy::claims::ClaimRule>,
     pub rate_limit: Option<RateLimitSpec>,
     pub csrf: bool,
     /// Origins accepted by the CSRF check besides the request's own.

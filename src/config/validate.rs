@@ -20,6 +20,7 @@ use super::{
     Acme, Config, HeaderRules, Jwt, Log, Redis, Route, Server, SniCert, Tls, TlsVersion, Upstream,
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
+use crate::policy::claims::{ClaimRule, ClaimValue};
 use crate::policy::csrf::Origin;
 use crate::policy::jwt::{JwtSettings, KeyFile, VerifierConfig};
 use crate::policy::rate_limit::{KeySource, Rate, RateLimitSpec};
@@ -612,6 +613,70 @@ fn acme(s: &file::AcmeSection) -> Result<Acme> {
 /// request cost 400 MiB.
 pub const SCHEMA_DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 
+/// A route's `claims` table as rules: each key a claim path, each value a
+/// string, an integer, a boolean or a non-empty list of them.
+fn claim_rules(table: &toml::Table, jwt: bool, i: usize) -> Result<Vec<ClaimRule>> {
+    let at = |claim: &str| {
+        // `locate` walks dotted keys: a claim path with a dot or a quote in
+        // it is pointed at by its table, and named in the message.
+        if claim.contains(['.', '"']) || claim.is_empty() {
+            format!("routes[{i}].claims")
+        } else {
+            format!("routes[{i}].claims.{claim}")
+        }
+    };
+    if !jwt {
+        return Err(invalid(
+            format!("routes[{i}].claims"),
+            "claims need jwt = true on the same route",
+        ));
+    }
+    if table.is_empty() {
+        return Err(invalid(
+            format!("routes[{i}].claims"),
+            "list at least one claim, or leave the key out",
+        ));
+    }
+    let one = |claim: &str, value: &toml::Value| match value {
+        toml::Value::String(s) => Ok(ClaimValue::String(s.clone())),
+        toml::Value::Integer(n) => Ok(ClaimValue::Integer(*n)),
+        toml::Value::Boolean(b) => Ok(ClaimValue::Bool(*b)),
+        other => Err(invalid(
+            at(claim),
+            format!(
+                r#"claim "{claim}": expected a string, an integer, a boolean or a list of them, got {}"#,
+                other.type_str()
+            ),
+        )),
+    };
+    table
+        .iter()
+        .map(|(claim, value)| {
+            let accepted = match value {
+                toml::Value::Array(items) if items.is_empty() => {
+                    return Err(invalid(
+                        at(claim),
+                        format!(r#"claim "{claim}": an empty list would refuse every token"#),
+                    ));
+                }
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|item| one(claim, item))
+                    .collect::<Result<Vec<_>>>()?,
+                single => vec![one(claim, single)?],
+            };
+            ClaimRule::parse(claim, accepted).map_err(|why| {
+                invalid(
+                    at(claim),
+                    format!(
+                        r#"claim "{claim}": not a claim path ({why}); write a segment with a dot in double quotes, as in '"https://example.com/roles"'"#
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
 fn routes(
     sections: &[file::RouteSection],
     has_jwt: bool,
@@ -712,6 +777,10 @@ fn routes(
                 "scopes need jwt = true on the same route",
             ));
         }
+        let claims = match &r.claims {
+            None => Vec::new(),
+            Some(table) => claim_rules(table, r.jwt, i)?,
+        };
         let rate_limit = r
             .rate_limit
             .as_ref()
@@ -775,6 +844,7 @@ fn routes(
             methods,
             jwt: r.jwt,
             scopes: r.scopes.clone(),
+            claims,
             rate_limit,
             csrf: r.csrf,
             allowed_origins,

@@ -1,8 +1,9 @@
 //! Route policies. Each is a small module with a pure decision over the
 //! request parts; the pipeline runs them in SPEC's order — limits, method,
-//! rate limit, JWT, scopes, CSRF, schema (a rate limit keyed by `sub` runs
+//! rate limit, JWT, scopes, claims, CSRF, schema (a rate limit keyed by `sub` runs
 //! right after JWT) — and acts on the first [`crate::reject::Rejection`].
 
+pub mod claims;
 pub mod csrf;
 pub mod json_dense;
 pub mod json_tape;
