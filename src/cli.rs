@@ -48,6 +48,36 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Show what the proxy would do with one request (path, route, each policy's verdict, what the upstream receives), or run a file of expected outcomes; starts no listener and contacts nothing.
+    Explain {
+        /// The request's method (GET, POST, ...).
+        #[arg(required_unless_present = "expect")]
+        method: Option<String>,
+        /// `/path?query` or `https://host/path?query` (its host becomes the Host header).
+        #[arg(required_unless_present = "expect")]
+        url: Option<String>,
+        /// A request header `Name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// A JWT, sent as `Authorization: Bearer`.
+        #[arg(long)]
+        token: Option<String>,
+        /// The request body, from this file.
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// The client's address (default 127.0.0.1).
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fetch `jwt.jwks_url` to verify tokens (otherwise nothing is contacted).
+        #[arg(long)]
+        online: bool,
+        /// A TOML file of requests and the outcome each must have; prints one line per case and exits 0 only if all pass.
+        #[arg(long, conflicts_with_all = ["method", "url"])]
+        expect: Option<PathBuf>,
+    },
     /// Print a signed JWT accepted by the configured [jwt] verifier (HS*: with the secret_env variable unset, the secret `demo` keeps in certs/demo-jwt-secret.key).
     Token {
         #[arg(long)]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod connection;
+pub mod explain;
 pub mod filters;
 pub mod forward;
 pub mod h2_flood;

@@ -176,30 +176,26 @@ async fn judge_and_forward(
         None => {}
     }
 
-    let host = forward::request_host(parts).map_err(Rejection::BadRequest)?;
+    // 1. normalize the path, 2. match the route, and the body's framing
+    let head = judge_head(runtime, parts, |normalized, route| {
+        ctx.record.path.clone_from(&normalized.path);
+        if let Some(route) = route {
+            ctx.record.route = route.label.clone();
+            ctx.route_metrics = &route.metrics;
+        }
+    })?;
+    let Head {
+        host,
+        normalized,
+        route,
+        body_limit,
+        declared_length,
+    } = head;
 
-    // 1. normalize the path; the upstream gets exactly what is judged here
-    let normalized = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
-    ctx.record.path.clone_from(&normalized.path);
-
-    // 2. match the route
-    let route = runtime.routes.find(normalized.match_path());
-    if let Some(route) = route {
-        ctx.record.route = route.label.clone();
-        ctx.route_metrics = &route.metrics;
-    }
-
-    // 3. policies, in SPEC's order
-    let body_limit = route.map_or(server.max_body_bytes, |r| r.max_body_bytes);
-    let declared_length = limits::check_body_framing(parts, body_limit)?;
+    // 3. the route's policies, in SPEC's order
     let mut token = None;
     if let Some(route) = route {
-        method::check(
-            &parts.method,
-            route.config.methods.as_deref(),
-            route.allow.as_ref(),
-        )?;
-        token = run_route_policies(ctx, route, parts, host.as_ref()).await?;
+        token = judge_route(ctx, route, parts, host.as_ref()).await?;
     }
     // Only a schema route reads a body before forwarding, and only one that has a body.
     let schema = route
@@ -220,8 +216,13 @@ async fn judge_and_forward(
     } else {
         None
     };
+    let peer = Peer {
+        ip: ctx.conn.peer.ip(),
+        header: &ctx.conn.peer_header,
+    };
     let upstream_request = build_upstream_request(
-        ctx,
+        runtime,
+        peer,
         parts,
         &normalized.path,
         host,
@@ -277,22 +278,99 @@ async fn judge_and_forward(
     Ok(response.map(ResponseBody::upstream))
 }
 
-/// The route's own policies after the method check, in SPEC's order: rate
-/// limit, JWT, rate limit by subject, scopes, CSRF. Returns the verified
-/// token, if the route wants one.
-async fn run_route_policies(
-    ctx: &mut RequestContext<'_>,
+/// What [`judge_head`] found: the request's host, its normalized path, the
+/// route it matched and the body limit that applies.
+pub(crate) struct Head<'rt> {
+    pub host: Option<HeaderValue>,
+    pub normalized: path::NormalizedPath,
+    pub route: Option<&'rt RouteRuntime>,
+    pub body_limit: u64,
+    pub declared_length: Option<u64>,
+}
+
+/// Steps 1 and 2 and the body's framing: the Host (400), the normalized path
+/// (400), the route, and a declared length above the limit (413, before the
+/// method). `matched` sees the path and route as soon as they are known, so
+/// that a rejection later in here is logged against them.
+pub(crate) fn judge_head<'rt>(
+    runtime: &'rt Runtime,
+    parts: &Parts,
+    matched: impl FnOnce(&path::NormalizedPath, Option<&'rt RouteRuntime>),
+) -> Result<Head<'rt>, Rejection> {
+    let host = forward::request_host(parts).map_err(Rejection::BadRequest)?;
+    // the upstream gets exactly what is judged here
+    let normalized = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
+    let route = runtime.routes.find(normalized.match_path());
+    matched(&normalized, route);
+    let body_limit = route.map_or(runtime.config.server.max_body_bytes, |r| r.max_body_bytes);
+    let declared_length = limits::check_body_framing(parts, body_limit)?;
+    Ok(Head {
+        host,
+        normalized,
+        route,
+        body_limit,
+        declared_length,
+    })
+}
+
+/// A step of [`judge_route`], named for `explain`'s report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Method,
+    RateLimit,
+    Jwt,
+    RateLimitBySubject,
+    Scopes,
+    Claims,
+    Csrf,
+}
+
+/// Where a request is judged: the live proxy ([`RequestContext`]) or
+/// `portcullis explain` (src/explain.rs). The policy order exists once, in
+/// [`judge_route`]; a judge supplies only what differs between the two: the
+/// rate limit (counted live, not decidable offline), token verification
+/// (keys fetched live, configured ones offline), and a note of each step
+/// passed.
+pub(crate) trait Judge {
+    fn runtime(&self) -> &Runtime;
+    /// The client the rate limit counts (behind trusted proxies, the real one).
+    fn client(&self) -> std::net::IpAddr;
+    async fn rate_limit(
+        &mut self,
+        route: &RouteRuntime,
+        limiter: &RouteLimiter,
+        material: rate_limit::KeyMaterial<'_>,
+    ) -> Result<(), Rejection>;
+    async fn verify(&mut self, token: &str) -> Result<VerifiedToken, Rejection>;
+    /// `step` passed (the live proxy has nothing to do).
+    fn passed(&mut self, _step: Step) {}
+}
+
+/// The route's own policies, in SPEC's order: method, rate limit, JWT, rate
+/// limit by subject, scopes, claims, CSRF. Returns the verified token, if
+/// the route wants one. (The JSON schema, which needs the body, follows.)
+pub(crate) async fn judge_route<J: Judge>(
+    judge: &mut J,
     route: &RouteRuntime,
     parts: &Parts,
     host: Option<&HeaderValue>,
 ) -> Result<Option<VerifiedToken>, Rejection> {
+    method::check(
+        &parts.method,
+        route.config.methods.as_deref(),
+        route.allow.as_ref(),
+    )?;
+    judge.passed(Step::Method);
     let limiter = route.limiter.as_deref();
     let by_subject = limiter.is_some_and(|l| l.spec().key == rate_limit::KeySource::Sub);
     if let Some(limiter) = limiter.filter(|_| !by_subject) {
-        check_rate_limit(ctx, route, limiter, parts, None).await?;
+        let material =
+            rate_limit::key_material(&limiter.spec().key, judge.client(), &parts.headers, None);
+        judge.rate_limit(route, limiter, material).await?;
+        judge.passed(Step::RateLimit);
     }
     let token = if route.config.jwt {
-        Some(authenticate(ctx, route, parts).await?)
+        Some(authenticate(judge, route, parts).await?)
     } else {
         None
     };
@@ -304,19 +382,19 @@ async fn run_route_policies(
             &route.config.allowed_origins,
         )
         .map_err(Rejection::Csrf)?;
+        judge.passed(Step::Csrf);
     }
     Ok(token)
 }
 
 /// JWT, then the rate limit keyed by its subject, then scopes and claims.
-async fn authenticate(
-    ctx: &mut RequestContext<'_>,
+async fn authenticate<J: Judge>(
+    judge: &mut J,
     route: &RouteRuntime,
     parts: &Parts,
 ) -> Result<VerifiedToken, Rejection> {
-    let jwt = ctx.runtime.jwt.as_ref().ok_or(Rejection::MissingToken)?;
-    let token_cookie = ctx
-        .runtime
+    let token_cookie = judge
+        .runtime()
         .config
         .jwt
         .as_ref()
@@ -330,26 +408,65 @@ async fn authenticate(
             ));
         }
     };
-    let verified = jwt
-        .verifier
-        .verify(token)
-        .await
-        .map_err(Rejection::InvalidToken)?;
-    ctx.record.sub = verified.subject().map(str::to_owned);
+    let verified = judge.verify(token).await?;
+    judge.passed(Step::Jwt);
     if let Some(limiter) = route
         .limiter
         .as_deref()
         .filter(|l| l.spec().key == rate_limit::KeySource::Sub)
     {
-        check_rate_limit(ctx, route, limiter, parts, verified.subject()).await?;
+        let material = rate_limit::key_material(
+            &limiter.spec().key,
+            judge.client(),
+            &parts.headers,
+            verified.subject(),
+        );
+        judge.rate_limit(route, limiter, material).await?;
+        judge.passed(Step::RateLimitBySubject);
     }
     if !route.config.scopes.is_empty() {
         scopes::check(&route.config.scopes, &verified.scopes())
             .map_err(|missing| Rejection::InsufficientScope(missing.to_string()))?;
+        judge.passed(Step::Scopes);
     }
-    claims::check(&route.config.claims, &verified.claims)
-        .map_err(|failed| Rejection::InsufficientClaims(failed.claim))?;
+    if !route.config.claims.is_empty() {
+        claims::check(&route.config.claims, &verified.claims)
+            .map_err(|failed| Rejection::InsufficientClaims(failed.claim))?;
+        judge.passed(Step::Claims);
+    }
     Ok(verified)
+}
+
+/// The live proxy as a judge: the rate limit counts, the verifier uses the
+/// fetched keys, and the access log learns the subject.
+impl Judge for RequestContext<'_> {
+    fn runtime(&self) -> &Runtime {
+        self.runtime
+    }
+
+    fn client(&self) -> std::net::IpAddr {
+        self.record.client
+    }
+
+    async fn rate_limit(
+        &mut self,
+        route: &RouteRuntime,
+        limiter: &RouteLimiter,
+        material: rate_limit::KeyMaterial<'_>,
+    ) -> Result<(), Rejection> {
+        check_rate_limit(self, route, limiter, material).await
+    }
+
+    async fn verify(&mut self, token: &str) -> Result<VerifiedToken, Rejection> {
+        let jwt = self.runtime.jwt.as_ref().ok_or(Rejection::MissingToken)?;
+        let verified = jwt
+            .verifier
+            .verify(token)
+            .await
+            .map_err(Rejection::InvalidToken)?;
+        self.record.sub = verified.subject().map(str::to_owned);
+        Ok(verified)
+    }
 }
 
 /// The rate limit: shared on Redis with `[redis]` (this instance's own
@@ -359,15 +476,8 @@ async fn check_rate_limit(
     ctx: &mut RequestContext<'_>,
     route: &RouteRuntime,
     limiter: &RouteLimiter,
-    parts: &Parts,
-    subject: Option<&str>,
+    material: rate_limit::KeyMaterial<'_>,
 ) -> Result<(), Rejection> {
-    let material = rate_limit::key_material(
-        &limiter.spec().key,
-        ctx.record.client,
-        &parts.headers,
-        subject,
-    );
     let shared = ctx.runtime.redis.as_ref().zip(route.shared_quota.as_ref());
     let answer = match shared {
         None => limiter.check(&material.to_limit_key()),
@@ -406,9 +516,19 @@ async fn read_and_judge(
     Ok(whole)
 }
 
+/// The TCP peer, as the upstream request names it.
+#[derive(Clone, Copy)]
+pub(crate) struct Peer<'a> {
+    pub ip: std::net::IpAddr,
+    /// `ip` as header text.
+    pub header: &'a HeaderValue,
+}
+
+/// Step 4: what the upstream receives (shared with `explain`).
 #[allow(clippy::too_many_arguments)]
-fn build_upstream_request(
-    ctx: &RequestContext<'_>,
+pub(crate) fn build_upstream_request(
+    runtime: &Runtime,
+    peer: Peer<'_>,
     parts: &mut Parts,
     normalized_path: &str,
     host: Option<HeaderValue>,
@@ -416,7 +536,6 @@ fn build_upstream_request(
     upgrade: bool,
     body: RequestBody,
 ) -> Result<UpstreamRequest, Rejection> {
-    let runtime = ctx.runtime;
     let uri = forward::upstream_uri(normalized_path, parts.uri.query())
         .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?;
     let mut headers = std::mem::take(&mut parts.headers);
@@ -424,14 +543,13 @@ fn build_upstream_request(
     // must not make the proxy drop the value it sets below.
     forward::strip_hop_by_hop(&mut headers, upgrade);
     forward::strip_identity_headers(&mut headers, &runtime.identity_headers);
-    let peer = ctx.conn.peer.ip();
     let trusted = runtime
         .config
         .server
         .trusted_proxies
         .iter()
-        .any(|net| net.contains(&peer));
-    let fields = forward::forwarded_fields(&mut headers, &ctx.conn.peer_header, trusted, host);
+        .any(|net| net.contains(&peer.ip));
+    let fields = forward::forwarded_fields(&mut headers, peer.header, trusted, host);
     if let (Some(token), Some(jwt)) = (token, &runtime.config.jwt) {
         for (claim, header) in &jwt.forward_claims {
             if let Some(value) = token.claim_as_header_value(claim)

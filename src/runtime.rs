@@ -82,6 +82,24 @@ impl Runtime {
         previous: Option<&Runtime>,
         metrics: &Metrics,
     ) -> anyhow::Result<Self> {
+        Self::build_for(config, workers, previous, metrics, Purpose::Serve)
+    }
+
+    /// The runtime `portcullis explain` judges with: the same routes,
+    /// limiters, filters and verifier, but nothing that contacts anyone:
+    /// no Redis, and a `jwks_url` fetched only when `online`.
+    pub fn build_for_explain(config: Config, online: bool) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        Self::build_for(config, 1, None, &metrics, Purpose::Explain { online })
+    }
+
+    fn build_for(
+        config: Config,
+        workers: usize,
+        previous: Option<&Runtime>,
+        metrics: &Metrics,
+        purpose: Purpose,
+    ) -> anyhow::Result<Self> {
         let tls = TlsAcceptor::from(crate::tls::server_config(&config.tls)?);
         let routes = config
             .routes
@@ -128,10 +146,17 @@ impl Runtime {
         let jwt = config
             .jwt
             .as_ref()
-            .map(|jwt| JwtRuntime::build(&jwt.verifier))
+            .map(|jwt| match purpose {
+                Purpose::Explain { online: false } => Ok(JwtRuntime {
+                    verifier: JwtVerifier::new(jwt.verifier.clone(), None),
+                    _fetcher: None,
+                }),
+                _ => JwtRuntime::build(&jwt.verifier),
+            })
             .transpose()?;
         let rate_limited = config.routes.iter().any(|r| r.rate_limit.is_some());
         let redis = match (&config.redis, previous) {
+            _ if matches!(purpose, Purpose::Explain { .. }) => None,
             (Some(_), _) if !rate_limited => {
                 tracing::info!(
                     "[redis] is configured but no route has a rate_limit: Redis is not contacted"
@@ -157,6 +182,16 @@ impl Runtime {
             config,
         })
     }
+}
+
+/// What a runtime is built for.
+#[derive(Clone, Copy)]
+enum Purpose {
+    Serve,
+    /// `portcullis explain`: contacts nothing (a `jwks_url` only when `online`).
+    Explain {
+        online: bool,
+    },
 }
 
 /// State shared by every worker for the life of the process.

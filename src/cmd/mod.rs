@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod explain;
 pub mod gen_cert;
 pub mod mock_upstream;
 pub mod run;
@@ -45,6 +46,32 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Demo => demo::demo(&cli.config),
         Command::MockUpstream { listen } => mock_upstream_main(listen),
         Command::GenCert { out, hosts, force } => gen_cert::gen_cert(&out, &hosts, force),
+        Command::Explain {
+            method,
+            url,
+            headers,
+            token,
+            body_file,
+            client,
+            json,
+            online,
+            expect,
+        } => match expect {
+            Some(cases) => explain::expect(&cli.config, &cases, online),
+            None => explain::explain(
+                &cli.config,
+                explain::Args {
+                    method: method.unwrap_or_default(),
+                    url: url.unwrap_or_default(),
+                    headers,
+                    token,
+                    body_file,
+                    client,
+                    json,
+                    online,
+                },
+            ),
+        },
         Command::Token {
             sub,
             scope,

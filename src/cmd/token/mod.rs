@@ -64,7 +64,7 @@ pub fn token(
 /// Exports the demo's secret under the configured variable when that
 /// variable is unset and the demo's file exists; otherwise changes nothing,
 /// and `config::load` names the missing variable as usual.
-fn use_demo_secret(config_path: &Path) -> Result<(), Failure> {
+pub(crate) fn use_demo_secret(config_path: &Path) -> Result<(), Failure> {
     let Some(var) = super::demo::hmac_secret_env(config_path) else {
         return Ok(());
     };
