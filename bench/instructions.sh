@@ -8,7 +8,9 @@
 #
 # Knobs: PROTO=h2|h1 (default h2), REQUESTS=4000, WARMUP=1000,
 # CLIENTS=8, STREAMS=10 (h2; h1 sends one request at a time per connection),
-# PORT=21443 UPSTREAM_PORT=21080. Needs valgrind, nginx, h2load, openssl.
+# PORT=21443 UPSTREAM_PORT=21080, LOG_LEVEL=warn (no access log; "info" is
+# the default a user runs: one access line per request, written to a file
+# here). Needs valgrind, nginx, h2load, openssl.
 # The upstream is nginx answering `ok`, as in bench/run.sh; portcullis runs
 # with one worker, HSTS and its default security headers.
 #
@@ -25,6 +27,7 @@ CLIENTS="${CLIENTS:-8}"
 STREAMS="${STREAMS:-10}"
 PORT="${PORT:-21443}"
 UPSTREAM_PORT="${UPSTREAM_PORT:-21080}"
+LOG_LEVEL="${LOG_LEVEL:-warn}"
 
 for tool in valgrind callgrind_control nginx h2load openssl curl; do
     command -v "$tool" >/dev/null || { echo "instructions.sh: needs $tool" >&2; exit 1; }
@@ -76,7 +79,7 @@ url = "http://127.0.0.1:$UPSTREAM_PORT"
 pool_idle_timeout = "300s"
 
 [log]
-level = "warn"
+level = "$LOG_LEVEL"
 
 [[routes]]
 path = "/plain"

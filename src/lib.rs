@@ -2,6 +2,7 @@
 //! safe to expose. Start reading at [`pipeline::handle`]: it shows every step
 //! a request goes through, in order.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cli;

@@ -31,8 +31,14 @@ pub const SECURITY: &str = "security";
 /// Keeps the background log writers running; dropping it flushes them.
 /// Hold it until the process is about to exit.
 pub struct LogGuard {
-    _stdout: Option<tracing_appender::non_blocking::WorkerGuard>,
     _stderr: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+impl Drop for LogGuard {
+    /// Standard output's records are written before the process exits.
+    fn drop(&mut self) {
+        crate::access_log::shutdown(Duration::from_secs(2));
+    }
 }
 
 /// Installs the global subscriber. Called once per process.
@@ -47,23 +53,19 @@ pub fn init(json: bool, level: &str) -> LogGuard {
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
     let is_record =
         |meta: &tracing::Metadata<'_>| meta.target() == ACCESS || meta.target() == SECURITY;
-    let (stdout, stdout_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        // Each queued line's slot is allocated up front: 8k lines is 256 KiB,
-        // enough to absorb bursts while the writer catches up.
-        .buffered_lines_limit(8 * 1024)
-        .thread_name("portcullis-log")
-        .finish(std::io::stdout());
+    // Access records skip tracing altogether (src/access_log.rs); security
+    // events are formatted by tracing into the same batches.
+    crate::access_log::init(json, level >= LevelFilter::INFO);
     let (stderr, stderr_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(1024)
         .thread_name("portcullis-diag")
         .finish(std::io::stderr());
-    let _ = DROPPED_LINES.set([stdout.error_counter(), stderr.error_counter()]);
+    let _ = DROPPED_LINES.set(stderr.error_counter());
     use std::io::IsTerminal;
     let stdout_layer = layer(
         json,
-        stdout,
+        crate::access_log::Records,
         std::io::stdout().is_terminal(),
         FilterFn::new(move |meta| is_record(meta)),
     );
@@ -79,33 +81,29 @@ pub fn init(json: bool, level: &str) -> LogGuard {
         .try_init()
         .is_ok();
     LogGuard {
-        _stdout: installed.then_some(stdout_guard),
         _stderr: installed.then_some(stderr_guard),
     }
 }
 
 /// The log writers' counts of lines dropped while their queue was full
 /// (standard output, standard error).
-static DROPPED_LINES: std::sync::OnceLock<[tracing_appender::non_blocking::ErrorCounter; 2]> =
+static DROPPED_LINES: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
     std::sync::OnceLock::new();
 
 fn dropped_log_lines() -> u64 {
-    DROPPED_LINES.get().map_or(0, |counters| {
-        counters.iter().map(|c| c.dropped_lines() as u64).sum()
-    })
+    DROPPED_LINES
+        .get()
+        .map_or(0, |counter| counter.dropped_lines() as u64)
+        + crate::access_log::dropped_lines()
 }
 
 /// One output: JSON objects with the event's fields at the top level, or
 /// text — coloured only on a terminal, since escape codes corrupt log files
 /// and pipelines.
-fn layer<S, F>(
-    json: bool,
-    writer: tracing_appender::non_blocking::NonBlocking,
-    ansi: bool,
-    filter: F,
-) -> Box<dyn Layer<S> + Send + Sync>
+fn layer<S, W, F>(json: bool, writer: W, ansi: bool, filter: F) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
     F: tracing_subscriber::layer::Filter<S> + Send + Sync + 'static,
 {
     if json {
@@ -143,19 +141,7 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     pub fn emit(&self, bytes: u64, duration: Duration) {
-        tracing::info!(
-            target: ACCESS,
-            client = %self.client,
-            method = %self.method,
-            path = %LoggedPath(&self.path),
-            route = %self.route,
-            status = self.status,
-            bytes,
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            upstream_status = self.upstream_status,
-            tls = self.tls,
-            sub = self.sub.as_deref(),
-        );
+        crate::access_log::write(self, bytes, duration);
     }
 }
 

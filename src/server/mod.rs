@@ -107,8 +107,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             std::thread::Builder::new()
                 .name(format!("portcullis-w{worker}"))
                 .spawn(move || {
+                    crate::access_log::batch_on_this_thread();
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        // The access log's lines go out in one write when
+                        // the worker has nothing else to do.
+                        .on_thread_park(crate::access_log::flush_this_thread)
                         .build()
                     {
                         Ok(rt) => rt,
@@ -155,5 +159,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         control::drain(&shared).await;
         anyhow::Ok(())
     })?;
+    // A worker hands its last access-log lines over as its thread ends; the
+    // drain has let every connection finish (or given up on them), so the
+    // workers end now: wait a moment for them, never for a stuck one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     Ok(())
 }
