@@ -41,14 +41,15 @@ impl Drop for LogGuard {
     }
 }
 
-/// Installs the global subscriber. Called once per process.
+/// Installs the global subscriber and the access log's writer. Called once
+/// per process.
 ///
-/// Standard output is line-buffered: written directly, every access-log
-/// line would cost the worker a `write` system call. A background thread
-/// writes instead, through a queue of 8k lines. When that queue is full —
-/// standard output is not being read (a stuck log shipper, a full pipe) —
-/// lines are dropped and counted (`portcullis_log_lines_dropped_total`)
-/// rather than letting a stalled reader stall serving.
+/// Standard output's records (access lines and security events) are
+/// written in batches by `crate::access_log`, which never makes a worker
+/// wait: when standard output is not being read, lines are dropped and
+/// counted (`portcullis_log_lines_dropped_total`). Diagnostics go to
+/// standard error through a background writer of 1k lines, dropping and
+/// counting likewise.
 pub fn init(json: bool, level: &str) -> LogGuard {
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::INFO);
     let is_record =
