@@ -21,6 +21,9 @@
 #                               /plain, then the Redis-limited route with Redis frozen (SIGSTOP)
 #                               (bench/limits.py)
 #   PORTCULLIS_BIN=path     use this binary instead of `cargo build --release`
+#   PORTCULLIS_LOG_LEVEL=warn  portcullis's [log] level: "warn" (no access log, as the
+#                           peers here) or "info" (its default: one JSON access line per
+#                           request, to a file)
 #   HANDSHAKES=2000         new connections in the hs scenario
 #   HS_TLS=1.3              TLS version of the hs scenario: 1.3, 1.2 or any
 #   IDLE_CONNS=2000         idle connections in the mem scenario
@@ -51,6 +54,7 @@ UPSTREAM_PORT="${UPSTREAM_PORT:-18080}"
 STATUS_PORT="${STATUS_PORT:-18081}"
 PROXY_PORT="${PROXY_PORT:-18443}"
 REDIS_PORT="${REDIS_PORT:-18379}"
+PORTCULLIS_LOG_LEVEL="${PORTCULLIS_LOG_LEVEL:-warn}"
 WRK_THREADS="${WRK_THREADS:-2}"
 WRK_CONNECTIONS="${WRK_CONNECTIONS:-64}"
 H2_CLIENTS="${H2_CLIENTS:-32}"
@@ -450,7 +454,7 @@ audience = "bench"
 
 [log]
 format = "json"
-level = "warn"       # access lines are info: none are written
+level = "$PORTCULLIS_LOG_LEVEL"       # "warn": access lines are info, none are written
 
 [[routes]]
 path = "/plain"
@@ -600,11 +604,13 @@ stop_server() {
         # (warn) stay, e.g. the smoke check's deliberate 401
         local lines
         lines="$(grep -c '"target":"access"' "$T/portcullis/run.stdout" || true)"
-        if [[ "$lines" != 0 ]]; then
+        if [[ "$lines" != 0 && "$PORTCULLIS_LOG_LEVEL" == warn ]]; then
             echo "portcullis wrote $lines access-log lines on stdout with [log] level = \"warn\"" >>"$T/notes.txt"
             log "WARNING: portcullis wrote $lines access-log lines at level warn"
         fi
-        cat "$T/portcullis/run.stdout" >>"$T/logs/portcullis-stdout-all.txt"
+        # (not the access lines themselves: at level "info" they are millions)
+        grep -v '"target":"access"' "$T/portcullis/run.stdout" >>"$T/logs/portcullis-stdout-all.txt" || true
+        rm -f "$T/portcullis/run.stdout"
         # keep its stderr for the report (errors under load)
         cat "$T/portcullis/run.stderr" >>"$T/logs/portcullis-stderr-all.txt"
     fi
@@ -864,7 +870,7 @@ export BENCH_META_WRK="$(wrk -v 2>&1 | head -n1 | cut -c1-60)"
 export BENCH_META_H2LOAD="$(ver h2load --version)"
 export BENCH_META_OPENSSL="$(ver openssl version)"
 export BENCH_META_PORTCULLIS="${PORTCULLIS:+$GIT_REV$GIT_DIRTY ($PORTCULLIS)}"
-export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" bench/run.sh"
+export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" PORTCULLIS_LOG_LEVEL=$PORTCULLIS_LOG_LEVEL bench/run.sh"
 export BENCH_META_NOFILE="$NOFILE"
 export DURATION ROUNDS SERVERS SCENARIOS HANDSHAKES HS_TLS IDLE_CONNS WORKERS UPSTREAM_WORKERS
 "$PYTHON" - "$T/checks.tsv" "$T/notes.txt" "$T/meta.json" <<'EOF'
