@@ -21,9 +21,9 @@
 use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::telemetry::{AccessRecord, LoggedPath};
@@ -38,7 +38,7 @@ const QUEUE_LIMIT_BYTES: usize = 2 * 1024 * 1024;
 const COPY_BELOW: usize = 16 * 1024;
 
 enum Message {
-    Batch(Vec<u8>, u64),
+    Batch(Vec<u8>),
     /// Everything sent before has been written: reply when done.
     Drain(SyncSender<()>),
 }
@@ -47,7 +47,6 @@ struct Writer {
     sender: Sender<Message>,
     json: bool,
     enabled: bool,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 static WRITER: OnceLock<Writer> = OnceLock::new();
@@ -59,15 +58,15 @@ static LAST_DROP_WARNING: AtomicU64 = AtomicU64::new(0);
 /// at all (`[log] level` of `info` or finer); `json`: the format.
 pub fn init(json: bool, enabled: bool) {
     let (sender, receiver) = channel();
-    let thread = std::thread::Builder::new()
+    // Without the thread nothing is written; the process still serves
+    // (batches then count as dropped).
+    let _ = std::thread::Builder::new()
         .name("portcullis-records".into())
-        .spawn(move || write_batches(receiver))
-        .ok();
+        .spawn(move || write_batches(receiver));
     let _ = WRITER.set(Writer {
         sender,
         json,
         enabled,
-        thread: Mutex::new(thread),
     });
 }
 
@@ -80,7 +79,7 @@ fn write_batches(receiver: Receiver<Message>) {
     let stdout = std::io::stdout();
     for message in receiver {
         match message {
-            Message::Batch(batch, _lines) => {
+            Message::Batch(batch) => {
                 // A failed write (stdout closed) cannot be reported on stdout;
                 // the lines are gone either way.
                 let _ = stdout.lock().write_all(&batch);
@@ -105,7 +104,6 @@ pub fn shutdown(within: Duration) {
     if writer.sender.send(Message::Drain(done)).is_ok() {
         let _ = wait.recv_timeout(within);
     }
-    let _ = writer.thread.lock().map(|mut t| t.take());
 }
 
 struct LocalBuffer {
@@ -178,7 +176,7 @@ fn hand_over(local: &mut LocalBuffer) {
     } else {
         std::mem::replace(&mut local.bytes, Vec::with_capacity(BATCH_BYTES + 4096))
     };
-    if writer.sender.send(Message::Batch(batch, lines)).is_err() {
+    if writer.sender.send(Message::Batch(batch)).is_err() {
         QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
         note_dropped(lines);
     }
