@@ -7,13 +7,42 @@ use std::time::Duration;
 
 use crate::runtime::{Runtime, Shared};
 
-pub(super) async fn wait_for_signals(shared: &Arc<Shared>, config_path: &std::path::Path) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is built.
+pub(super) struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; call inside the control runtime's context,
+    /// before anything says the proxy is listening: a SIGTERM sent as soon
+    /// as a supervisor (or a test) sees that must stop it gracefully, not
+    /// kill it by the signal's default action.
+    pub(super) fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some(Signals { term, int, hup }),
+            _ => None,
+        }
+    }
+}
+
+pub(super) async fn wait_for_signals(
+    shared: &Arc<Shared>,
+    config_path: &std::path::Path,
+    signals: Option<Signals>,
+) {
+    let Some(Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }) = signals
+    else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         shared.shutdown.cancelled().await;
         return;

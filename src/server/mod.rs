@@ -87,6 +87,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let metrics = crate::telemetry::Metrics::new();
     let runtime = Runtime::build(config, workers, None, &metrics)?;
     let shared = Shared::new(runtime, workers, metrics);
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = {
+        let _context = control.enter();
+        control::Signals::install()
+    };
 
     if let Some(http) = &http {
         eprintln!(
@@ -136,9 +143,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     control.block_on(async move {
         if let Some(http) = http {
             tokio::spawn(redirect_listener::redirect_loop(
@@ -155,7 +159,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         tokio::spawn(control::maintenance(shared.clone()));
         shared.listeners_ready.store(true, Ordering::Release);
-        control::wait_for_signals(&shared, &config_path).await;
+        control::wait_for_signals(&shared, &config_path, signals).await;
         control::drain(&shared).await;
         anyhow::Ok(())
     })?;
