@@ -117,9 +117,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     crate::access_log::batch_on_this_thread();
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
-                        // The access log's lines go out in one write when
-                        // the worker has nothing else to do.
-                        .on_thread_park(crate::access_log::flush_this_thread)
                         .build()
                     {
                         Ok(rt) => rt,
@@ -130,6 +127,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                         }
                     };
                     rt.block_on(async move {
+                        tokio::spawn(crate::access_log::flush_periodically());
                         worker::worker_loop(worker, listener, shared.clone()).await;
                         // The listener is closed now, but this runtime still
                         // drives the connections it accepted (and their
