@@ -260,6 +260,16 @@ METRICS = [
 ]
 
 
+NOLOG = "-nolog"
+
+# what logging costs one server: (metric key, scenario, label, unit)
+LOG_COST = [
+    ("cpu_us_per_req", "ka", "keep-alive CPU/req", "µs"),
+    ("cpu_us_per_req", "h2", "HTTP/2 CPU/req", "µs"),
+    ("cpu_us_per_conn", "hs", "CPU per full TLS handshake", "µs"),
+]
+
+
 def _fmt(v, unit):
     if v is None:
         return "—"
@@ -315,14 +325,20 @@ def cmd_report(a):
         return {r["round"]: r[key] for r in by.get((server, scenario), [])
                 if r.get("ok") and r.get(key) is not None}
 
+    # rows NAME-nolog ran with every server's logging off (bench/run.sh LOGS):
+    # they are compared with nginx-nolog, the others with nginx logging
+    def baseline(server):
+        return "nginx-nolog" if server.endswith(NOLOG) else "nginx"
+
     for s in order:
         for key, scen, *_ in METRICS:
             m = summary[s].get(f"{scen}.{key}")
             if not m:
                 continue
-            b = summary.get("nginx", {}).get(f"{scen}.{key}", {}).get("median")
+            base = baseline(s)
+            b = summary.get(base, {}).get(f"{scen}.{key}", {}).get("median")
             m["ratio_of_medians"] = round(m["median"] / b, 3) if b else None
-            mine, theirs = per_round(s, scen, key), per_round("nginx", scen, key)
+            mine, theirs = per_round(s, scen, key), per_round(base, scen, key)
             ratios = [mine[r] / theirs[r] for r in mine if theirs.get(r)]
             m["ratio_to_nginx_per_round"] = [round(x, 3) for x in ratios]
             m["ratio_to_nginx"] = round(statistics.median(ratios), 3) if ratios else m["ratio_of_medians"]
@@ -379,21 +395,68 @@ def cmd_report(a):
     L.append("")
     cols = [(f"{scen}.{key}", label, unit) for key, scen, label, unit, _ in METRICS]
     cols = [c for c in cols if any(c[0] in summary[s] for s in order)]
-    L.append("| server | " + " | ".join(c[1] for c in cols) + " |")
-    L.append("|---|" + "---:|" * len(cols))
-    for s in order:
-        cells = []
-        for k, _, unit in cols:
-            m = summary[s].get(k)
-            if not m:
-                cells.append("—")
-                continue
-            r = m.get("ratio_to_nginx")
-            cells.append(_fmt(m["median"], unit) + (f" ({r:.2f}×)" if r is not None and s != "nginx" else ""))
-        L.append(f"| {s} | " + " | ".join(cells) + " |")
-    L.append("")
+    logged = [x for x in order if not x.endswith(NOLOG)]
+    silent = [x for x in order if x.endswith(NOLOG)]
+
+    def table(rows):
+        L.append("| server | " + " | ".join(c[1] for c in cols) + " |")
+        L.append("|---|" + "---:|" * len(cols))
+        for s in rows:
+            cells = []
+            for k, _, unit in cols:
+                m = summary[s].get(k)
+                if not m:
+                    cells.append("—")
+                    continue
+                r = m.get("ratio_to_nginx")
+                cells.append(_fmt(m["median"], unit) + (f" ({r:.2f}×)" if r is not None and s != baseline(s) else ""))
+            L.append(f"| {s} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    if silent:
+        L.append("### Every server logging (what users run)")
+        L.append("")
+        L.append("portcullis at its defaults (one JSON access line per request on standard output, to a file); "
+                 "nginx `access_log` to a file, JSON `log_format`, `buffer=64k flush=1s`; HAProxy `option httplog` "
+                 "to standard output, a file; h2o `access-log` to a file, JSON. Ratios to nginx logging.")
+        L.append("")
+    if logged:
+        table(logged)
+    if silent:
+        L.append("### No server logging (`-nolog`: portcullis `level = \"warn\"`, the peers' logs off)")
+        L.append("")
+        L.append("Ratios to nginx-nolog.")
+        L.append("")
+        table(silent)
     L.append("`direct` is wrk over plain HTTP straight to the upstream (the ceiling); its CPU is the upstream's own.")
     L.append("")
+    # the logging cost: logs on minus logs off, paired by round (both modes
+    # of a server run back to back), median over rounds
+    costs = {}
+    for s in logged:
+        off = s + NOLOG
+        if off not in summary:
+            continue
+        for key, scen, label, unit in LOG_COST:
+            on_r, off_r = per_round(s, scen, key), per_round(off, scen, key)
+            diffs = [on_r[r] - off_r[r] for r in on_r if r in off_r]
+            if diffs:
+                costs.setdefault(s, {})[f"{scen}.{key}"] = {
+                    "label": label, "unit": unit, "median": statistics.median(diffs),
+                    "per_round": [round(d, 2) for d in diffs],
+                }
+    if costs:
+        L.append("### What logging costs each server (logs on − logs off, paired by round)")
+        L.append("")
+        L.append("| server | " + " | ".join(c[2] for c in LOG_COST) + " |")
+        L.append("|---|" + "---:|" * len(LOG_COST))
+        for s, c in costs.items():
+            cells = []
+            for key, scen, _, unit in LOG_COST:
+                m = c.get(f"{scen}.{key}")
+                cells.append("—" if not m else f"{m['median']:+.1f} µs (rounds: {', '.join(f'{d:+.1f}' for d in m['per_round'])})")
+            L.append(f"| {s} | " + " | ".join(cells) + " |")
+        L.append("")
     if jwt:
         L.append("### portcullis: `jwt = true` + `rate_limit` route vs a plain route (keep-alive HTTPS/1.1, same token sent to both)")
         L.append("")
@@ -440,7 +503,7 @@ def cmd_report(a):
     logsum = meta.get("portcullis_log_summary")
     if logsum:
         L.append("")
-        L.append("### What portcullis logged during the run (level = \"warn\"), by message")
+        L.append("### What portcullis logged during the run, by message (access lines left out)")
         L.append("")
         L.append("| stream | lines | message |")
         L.append("|---|---:|---|")
@@ -455,7 +518,7 @@ def cmd_report(a):
     L.append(f"Reproduce: `{meta.get('command', 'bench/run.sh')}`")
     md = "\n".join(L) + "\n"
 
-    out = {"meta": meta, "summary": summary, "jwt_route": jwt, "fairness": fairness, "raw": recs}
+    out = {"meta": meta, "summary": summary, "logging_cost": costs, "jwt_route": jwt, "fairness": fairness, "raw": recs}
     with open(a.json, "w") as f:
         json.dump(out, f, indent=2)
     with open(a.md, "w") as f:

@@ -20,10 +20,15 @@
 #                               redis-server on REDIS_PORT) vs the same route limited in-process vs
 #                               /plain, then the Redis-limited route with Redis frozen (SIGSTOP)
 #                               (bench/limits.py)
+#   LOGS="on off"           access logging of every server, one row each: "on" is what
+#                           users run (portcullis at its defaults, one JSON line per request
+#                           on stdout to a file; nginx access_log to a file with a JSON
+#                           log_format, buffer=64k flush=1s; HAProxy option httplog to
+#                           stdout, a file; h2o access-log to a file, JSON); "off" is every
+#                           server silent (portcullis [log] level = "warn"), rows "NAME-nolog".
+#                           The portcullis-only scenarios (jwt checks limits) run in the
+#                           first mode listed.
 #   PORTCULLIS_BIN=path     use this binary instead of `cargo build --release`
-#   PORTCULLIS_LOG_LEVEL=warn  portcullis's [log] level: "warn" (no access log, as the
-#                           peers here) or "info" (its default: one JSON access line per
-#                           request, to a file)
 #   HANDSHAKES=2000         new connections in the hs scenario
 #   HS_TLS=1.3              TLS version of the hs scenario: 1.3, 1.2 or any
 #   IDLE_CONNS=2000         idle connections in the mem scenario
@@ -54,7 +59,7 @@ UPSTREAM_PORT="${UPSTREAM_PORT:-18080}"
 STATUS_PORT="${STATUS_PORT:-18081}"
 PROXY_PORT="${PROXY_PORT:-18443}"
 REDIS_PORT="${REDIS_PORT:-18379}"
-PORTCULLIS_LOG_LEVEL="${PORTCULLIS_LOG_LEVEL:-warn}"
+LOGS="${LOGS:-on off}"
 WRK_THREADS="${WRK_THREADS:-2}"
 WRK_CONNECTIONS="${WRK_CONNECTIONS:-64}"
 H2_CLIENTS="${H2_CLIENTS:-32}"
@@ -76,6 +81,14 @@ done
 for s in $SCENARIOS; do
     case "$s" in ka | h2 | hs | mem | jwt | checks | limits) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
 done
+for s in $LOGS; do
+    case "$s" in on | off) ;; *) die "unknown mode '$s' in LOGS (on, off)" ;; esac
+done
+[[ -n "${LOGS// /}" ]] || die "LOGS must name at least one mode: on, off"
+[[ -z "${PORTCULLIS_LOG_LEVEL:-}" ]] || die "PORTCULLIS_LOG_LEVEL is gone: LOGS=on runs portcullis at level info, LOGS=off at warn"
+read -r -a LOG_MODES <<<"$LOGS"
+# the portcullis-only route comparisons run once, in the first mode
+EXTRA_MODE="${LOG_MODES[0]}"
 
 # seconds in DURATION (wrk and h2load both take 10s / 2m / 10)
 duration_seconds() {
@@ -333,7 +346,13 @@ $(common_nginx_paths "$T/upstream")
 }
 EOF
 
-cat >"$T/nginx/nginx.conf" <<EOF
+# Access logging for LOGS=on, the same fields as portcullis's JSON line
+# (SPEC "Logs"); nginx's recommended buffered file log.
+NGINX_ACCESS_ON='log_format bench_json escape=json '"'"'{"time":"$time_iso8601","client":"$remote_addr","method":"$request_method","path":"$uri","route":"-","status":$status,"bytes":$body_bytes_sent,"duration_ms":$request_time,"upstream_status":"$upstream_status","tls":"$ssl_protocol"}'"'"';
+    access_log '"$T"'/nginx/access.log bench_json buffer=64k flush=1s;'
+write_nginx_conf() { # write_nginx_conf FILE ACCESS_LOG_LINES
+    local file="$1" access="$2"
+    cat >"$file" <<EOF
 user root;
 daemon off;
 worker_processes $WORKERS;
@@ -342,7 +361,7 @@ pid $T/nginx/nginx.pid;
 error_log $T/nginx/error.log warn;
 events { worker_connections $NGINX_CONNS; }
 http {
-    access_log off;
+    $access
     server_tokens off;
     keepalive_requests 100000000;      # 1.22 default 1000 closes client connections (and h2) early
     keepalive_timeout 300s;
@@ -370,16 +389,23 @@ $(common_nginx_paths "$T/nginx")
     }
 }
 EOF
+}
+write_nginx_conf "$T/nginx/nginx-nolog.conf" "access_log off;"
+write_nginx_conf "$T/nginx/nginx-log.conf" "$NGINX_ACCESS_ON"
 
-cat >"$T/haproxy/haproxy.cfg" <<EOF
+# LOGS=on: HAProxy's standard HTTP log line (option httplog) to standard
+# output, which is a file here; LOGS=off: no "log" line, no logging at all.
+write_haproxy_cfg() { # write_haproxy_cfg FILE GLOBAL_LOG DEFAULTS_LOG
+    cat >"$1" <<EOF
 global
     nbthread $WORKERS
     maxconn $HAPROXY_MAXCONN
     ssl-default-bind-options ssl-min-ver TLSv1.2
-    # no "log" line: no logging at all
+$2
 
 defaults
     mode http
+$3
     option http-keep-alive
     http-reuse always
     timeout connect 5s
@@ -399,8 +425,19 @@ backend app
     http-reuse always
     server s1 $HOST:$UPSTREAM_PORT
 EOF
+}
+write_haproxy_cfg "$T/haproxy/haproxy-nolog.cfg" "" ""
+write_haproxy_cfg "$T/haproxy/haproxy-log.cfg" "    log stdout format raw local0 info" "    log global
+    option httplog"
 
-cat >"$T/h2o/h2o.conf" <<EOF
+# LOGS=on: h2o's access-log to a file, in JSON with portcullis's fields
+H2O_ACCESS_ON="access-log:
+  path: $T/h2o/access.log
+  escape: json
+  format: '{\"time\":\"%{%Y-%m-%dT%H:%M:%S%z}t\",\"client\":\"%h\",\"method\":\"%m\",\"path\":\"%U\",\"route\":\"-\",\"status\":%s,\"bytes\":%b,\"duration_ms\":%{duration}x,\"upstream_status\":\"%s\",\"tls\":\"%{ssl.protocol-version}x\"}'"
+write_h2o_conf() { # write_h2o_conf FILE ACCESS_LOG_YAML
+    cat >"$1" <<EOF
+$2
 user: root
 pid-file: $T/h2o/h2o.pid
 num-threads: $WORKERS
@@ -424,6 +461,9 @@ hosts:
         proxy.reverse.url: http://$HOST:$UPSTREAM_PORT/
         header.add: "Strict-Transport-Security: $HSTS"
 EOF
+}
+write_h2o_conf "$T/h2o/h2o-nolog.conf" ""
+write_h2o_conf "$T/h2o/h2o-log.conf" "$H2O_ACCESS_ON"
 # h2o adds X-Forwarded-For / X-Forwarded-Proto by default
 # (proxy.emit-x-forwarded-headers: ON) and writes no access log unless told.
 
@@ -454,7 +494,7 @@ audience = "bench"
 
 [log]
 format = "json"
-level = "$PORTCULLIS_LOG_LEVEL"       # "warn": access lines are info, none are written
+level = "info"                  # the default: one access line per request (LOGS=off: "warn", none)
 
 [[routes]]
 path = "/plain"
@@ -531,28 +571,52 @@ on_error = "local"
 EOF
 fi
 
+# LOGS=off: the same portcullis configurations at level "warn"
+for f in "$T"/portcullis/proxy*.toml; do
+    sed 's/^level = "info".*/level = "warn"                  # access lines are info: none are written/' "$f" >"${f%.toml}-nolog.toml"
+done
+
+# the configuration file of SERVER in MODE (on / off)
+server_config() { # server_config SERVER MODE [PORTCULLIS_CONFIG_BASENAME]
+    local d="$T/$1" suffix=log
+    [[ "$2" == off ]] && suffix=nolog
+    case "$1" in
+        nginx) echo "$d/nginx-$suffix.conf" ;;
+        haproxy) echo "$d/haproxy-$suffix.cfg" ;;
+        h2o) echo "$d/h2o-$suffix.conf" ;;
+        portcullis)
+            local base="${3:-proxy}"
+            if [[ "$2" == off ]]; then echo "$d/$base-nolog.toml"; else echo "$d/$base.toml"; fi
+            ;;
+    esac
+}
+
 log "checking configurations"
 nginx -t -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" 2>"$T/logs/check-upstream.txt" ||
     { cat "$T/logs/check-upstream.txt" >&2; die "upstream nginx config"; }
-if has nginx "$SERVERS"; then
-    nginx -t -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" 2>"$T/logs/check-nginx.txt" ||
-        { cat "$T/logs/check-nginx.txt" >&2; die "nginx config"; }
-fi
-if has haproxy "$SERVERS"; then
-    haproxy -c -f "$T/haproxy/haproxy.cfg" >"$T/logs/check-haproxy.txt" 2>&1 ||
-        { cat "$T/logs/check-haproxy.txt" >&2; die "haproxy config"; }
-fi
-if has h2o "$SERVERS"; then
-    h2o -t -c "$T/h2o/h2o.conf" >"$T/logs/check-h2o.txt" 2>&1 ||
-        { cat "$T/logs/check-h2o.txt" >&2; die "h2o config"; }
-fi
-if has portcullis "$SERVERS"; then
-    "$PORTCULLIS" check --config "$T/portcullis/proxy.toml" >"$T/logs/check-portcullis.txt" 2>&1 ||
-        { cat "$T/logs/check-portcullis.txt" >&2; die "portcullis config"; }
-    if has limits "$SCENARIOS"; then
-        "$PORTCULLIS" check --config "$T/portcullis/proxy-redis.toml" >"$T/logs/check-portcullis-redis.txt" 2>&1 ||
-            { cat "$T/logs/check-portcullis-redis.txt" >&2; die "portcullis config with [redis]"; }
+for mode in "${LOG_MODES[@]}"; do
+    if has nginx "$SERVERS"; then
+        nginx -t -p "$T/nginx" -c "$(server_config nginx "$mode")" -e "$T/nginx/error.log" 2>"$T/logs/check-nginx.txt" ||
+            { cat "$T/logs/check-nginx.txt" >&2; die "nginx config (logs $mode)"; }
     fi
+    if has haproxy "$SERVERS"; then
+        haproxy -c -f "$(server_config haproxy "$mode")" >"$T/logs/check-haproxy.txt" 2>&1 ||
+            { cat "$T/logs/check-haproxy.txt" >&2; die "haproxy config (logs $mode)"; }
+    fi
+    if has h2o "$SERVERS"; then
+        h2o -t -c "$(server_config h2o "$mode")" >"$T/logs/check-h2o.txt" 2>&1 ||
+            { cat "$T/logs/check-h2o.txt" >&2; die "h2o config (logs $mode)"; }
+    fi
+    if has portcullis "$SERVERS"; then
+        "$PORTCULLIS" check --config "$(server_config portcullis "$mode")" >"$T/logs/check-portcullis.txt" 2>&1 ||
+            { cat "$T/logs/check-portcullis.txt" >&2; die "portcullis config (logs $mode)"; }
+        if has limits "$SCENARIOS"; then
+            "$PORTCULLIS" check --config "$(server_config portcullis "$mode" proxy-redis)" >"$T/logs/check-portcullis-redis.txt" 2>&1 ||
+                { cat "$T/logs/check-portcullis-redis.txt" >&2; die "portcullis config with [redis] (logs $mode)"; }
+        fi
+    fi
+done
+if has portcullis "$SERVERS"; then
     TOKEN="$("$PORTCULLIS" token --config "$T/portcullis/proxy.toml" --sub bench --ttl 24h)" ||
         die "portcullis token failed"
 fi
@@ -569,13 +633,14 @@ start_upstream() {
 }
 
 SERVER_PID=""
-start_server() { # start_server NAME [PORTCULLIS_CONFIG]
-    local name="$1" d="$T/$1" config="${2:-$T/portcullis/proxy.toml}"
+start_server() { # start_server NAME MODE [PORTCULLIS_CONFIG_BASENAME]
+    local name="$1" mode="$2" d="$T/$1" config
+    config="$(server_config "$name" "$mode" "${3:-proxy}")"
     port_open "$PROXY_PORT" && die "port $PROXY_PORT still in use before starting $name"
     case "$name" in
-        nginx) start_bg nginx "$d/run" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" ;;
-        haproxy) start_bg haproxy "$d/run" haproxy -db -f "$d/haproxy.cfg" ;;
-        h2o) start_bg h2o "$d/run" h2o -c "$d/h2o.conf" ;;
+        nginx) start_bg nginx "$d/run" nginx -p "$d" -c "$config" -e "$d/error.log" ;;
+        haproxy) start_bg haproxy "$d/run" haproxy -db -f "$config" ;;
+        h2o) start_bg h2o "$d/run" h2o -c "$config" ;;
         portcullis) start_bg portcullis "$d/run" "$PORTCULLIS" run --config "$config" ;;
     esac
     SERVER_PID=$STARTED_PID
@@ -594,26 +659,41 @@ start_server() { # start_server NAME [PORTCULLIS_CONFIG]
     sleep 0.3
 }
 
-stop_server() {
-    local name="$1"
+# access_lines NAME: lines in NAME's access log (after it stopped, so buffers are flushed)
+access_lines() {
+    local file
+    case "$1" in
+        nginx | h2o) file="$T/$1/access.log" ;;
+        haproxy) file="$T/haproxy/run.stdout" ;;
+        portcullis)
+            grep -c '"target":"access"' "$T/portcullis/run.stdout" 2>/dev/null || true
+            return
+            ;;
+    esac
+    if [[ -f "$file" ]]; then wc -l <"$file"; else echo 0; fi
+}
+
+stop_server() { # stop_server NAME MODE ROUND
+    local name="$1" mode="$2" round="$3" lines
     [[ -n "$SERVER_PID" ]] || return 0
     stop_pid "$SERVER_PID"
     SERVER_PID=""
+    # every server logged in LOGS=on and none in LOGS=off (portcullis's
+    # security events, e.g. the smoke check's deliberate 401, are warn and stay)
+    lines="$(access_lines "$name")"
+    lines="${lines:-0}"
+    printf '%s\t%s\t%s\n' "$name" "$mode" "$lines" >>"$T/access-lines.tsv"
+    if [[ "$mode" == off && "$lines" != 0 ]]; then
+        echo "$name wrote $lines access-log lines in round $round with logging off" >>"$T/notes.txt"
+        log "WARNING: $name wrote $lines access-log lines with logging off"
+    fi
     if [[ "$name" == portcullis ]]; then
-        # level = "warn" must drop the access lines (info); security events
-        # (warn) stay, e.g. the smoke check's deliberate 401
-        local lines
-        lines="$(grep -c '"target":"access"' "$T/portcullis/run.stdout" || true)"
-        if [[ "$lines" != 0 && "$PORTCULLIS_LOG_LEVEL" == warn ]]; then
-            echo "portcullis wrote $lines access-log lines on stdout with [log] level = \"warn\"" >>"$T/notes.txt"
-            log "WARNING: portcullis wrote $lines access-log lines at level warn"
-        fi
-        # (not the access lines themselves: at level "info" they are millions)
+        # (not the access lines themselves: with logs on they are millions)
         grep -v '"target":"access"' "$T/portcullis/run.stdout" >>"$T/logs/portcullis-stdout-all.txt" || true
-        rm -f "$T/portcullis/run.stdout"
         # keep its stderr for the report (errors under load)
         cat "$T/portcullis/run.stderr" >>"$T/logs/portcullis-stderr-all.txt"
     fi
+    rm -f "$T/$name/run.stdout" "$T/$name/access.log"
     # wait (bounded) for the listening socket to go away
     local i
     for ((i = 0; i < 50; i++)); do
@@ -630,8 +710,8 @@ check() { # check SERVER TEXT
     log "check $1: $2"
 }
 
-smoke_check() {
-    local name="$1" url="https://$HOST:$PROXY_PORT" out problems=() x
+smoke_check() { # smoke_check SERVER ROW
+    local name="$1" row="$2" url="https://$HOST:$PROXY_PORT" out problems=() x
     out="$(curl -sk --http1.1 --tlsv1.2 --tls-max 1.2 -D - -o /dev/null -w 'STATUS=%{http_code}' "$url/")" || true
     [[ "$out" == *"STATUS=200"* ]] || problems+=("TLS 1.2 request did not get 200")
     out="$(curl -sk --http1.1 --tlsv1.3 -D - -o /dev/null -w 'STATUS=%{http_code}' "$url/")" || true
@@ -645,18 +725,18 @@ smoke_check() {
         problems+=("TLS 1.1 accepted")
     fi
     if [[ ${#problems[@]} -eq 0 ]]; then
-        check "$name" "ok: TLS 1.2 and 1.3 (1.1 refused), h2 by ALPN, HSTS added, X-Forwarded-For=$HOST at the upstream"
+        check "$row" "ok: TLS 1.2 and 1.3 (1.1 refused), h2 by ALPN, HSTS added, X-Forwarded-For=$HOST at the upstream"
     else
-        check "$name" "PROBLEM: $(IFS='; '; echo "${problems[*]}")"
+        check "$row" "PROBLEM: $(IFS='; '; echo "${problems[*]}")"
     fi
     if [[ "$name" == portcullis ]]; then
         local a b
         a="$(curl -sk -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "$url/jwt")" || true
         b="$(curl -sk -o /dev/null -w '%{http_code}' "$url/jwt")" || true
         if [[ "$a" == 200 && "$b" == 401 ]]; then
-            check portcullis "ok: /jwt answers 200 with the bench token and 401 without"
+            check "$row" "ok: /jwt answers 200 with the bench token and 401 without"
         else
-            check portcullis "PROBLEM: /jwt answered $a with the token and $b without"
+            check "$row" "PROBLEM: /jwt answered $a with the token and $b without"
         fi
         has checks "$SCENARIOS" && checks_smoke_check "$url"
     fi
@@ -720,8 +800,16 @@ measure() { # measure ROUND SERVER SCENARIO KIND PID CMD...
     sleep 1
 }
 
-run_server_round() { # run_server_round ROUND SERVER
-    local round="$1" name="$2" url="https://$HOST:$PROXY_PORT"
+# the row of SERVER in MODE: the name alone with logs on (what users run),
+# NAME-nolog with logs off
+label() { if [[ "$2" == off ]]; then echo "$1-nolog"; else echo "$1"; fi; }
+
+run_server_round() { # run_server_round ROUND SERVER MODE
+    local round="$1" name="$2" mode="$3" url="https://$HOST:$PROXY_PORT" row
+    row="$(label "$name" "$mode")"
+    # the portcullis-only route comparisons: once per round, in the first mode
+    local extras=0
+    [[ "$name" == portcullis && "$mode" == "$EXTRA_MODE" ]] && extras=1
     if [[ "$name" == direct ]]; then
         if has ka "$SCENARIOS"; then
             measure "$round" direct ka wrk "$UPSTREAM_PID" \
@@ -732,33 +820,33 @@ run_server_round() { # run_server_round ROUND SERVER
     fi
     # (4) memory first, on a freshly started server
     if has mem "$SCENARIOS"; then
-        start_server "$name"
-        measure "$round" "$name" mem idle "$SERVER_PID" \
+        start_server "$name" "$mode"
+        measure "$round" "$row" mem idle "$SERVER_PID" \
             "$PYTHON" "$HERE/idleconns.py" --host "$HOST" --port "$PROXY_PORT" --pid "$SERVER_PID" -n "$IDLE_CONNS"
-        stop_server "$name"
+        stop_server "$name" "$mode" "$round"
     fi
     local need=0 s
     for s in ka h2 hs; do has $s "$SCENARIOS" && need=1; done
-    [[ "$name" == portcullis ]] && has jwt "$SCENARIOS" && need=1
-    [[ "$name" == portcullis ]] && has checks "$SCENARIOS" && need=1
-    [[ "$name" == portcullis ]] && has limits "$SCENARIOS" && need=1
+    [[ $extras == 1 ]] && has jwt "$SCENARIOS" && need=1
+    [[ $extras == 1 ]] && has checks "$SCENARIOS" && need=1
+    [[ $extras == 1 ]] && has limits "$SCENARIOS" && need=1
     [[ $need == 1 ]] || return 0
-    start_server "$name"
-    [[ "$round" == 1 ]] && smoke_check "$name"
+    start_server "$name" "$mode"
+    [[ "$round" == 1 ]] && smoke_check "$name" "$row"
     if has ka "$SCENARIOS"; then
-        measure "$round" "$name" ka wrk "$SERVER_PID" \
+        measure "$round" "$row" ka wrk "$SERVER_PID" \
             wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/"
     fi
     if has h2 "$SCENARIOS"; then
-        measure "$round" "$name" h2 h2load "$SERVER_PID" \
+        measure "$round" "$row" h2 h2load "$SERVER_PID" \
             h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -t"$H2_THREADS" -D "$DURATION" "$url/"
     fi
     if has hs "$SCENARIOS"; then
-        measure "$round" "$name" hs handshake "$SERVER_PID" \
+        measure "$round" "$row" hs handshake "$SERVER_PID" \
             "$PYTHON" "$HERE/handshake.py" --host "$HOST" --port "$PROXY_PORT" -n "$HANDSHAKES" \
             -c "$HS_CONCURRENCY" --tls "$HS_TLS"
     fi
-    if [[ "$name" == portcullis ]] && has jwt "$SCENARIOS"; then
+    if [[ $extras == 1 ]] && has jwt "$SCENARIOS"; then
         # the same Authorization header on both routes; the order alternates by round
         local order=(jwt_plain jwt_auth) sc path
         ((round % 2 == 0)) && order=(jwt_auth jwt_plain)
@@ -770,7 +858,7 @@ run_server_round() { # run_server_round ROUND SERVER
                 -H "Authorization: Bearer $TOKEN" "$url$path"
         done
     fi
-    if [[ "$name" == portcullis ]] && has checks "$SCENARIOS"; then
+    if [[ $extras == 1 ]] && has checks "$SCENARIOS"; then
         # each check route right beside its plain baseline, the same request
         # to both; the whole order reverses every other round
         local runs=(plain_post_small csrf plain_post_1k schema_1k plain_post_64k schema_64k) i body ctype hdrs sc path
@@ -801,7 +889,7 @@ run_server_round() { # run_server_round ROUND SERVER
                 ${hdrs[@]+"${hdrs[@]}"} "$url$path"
         done
     fi
-    if [[ "$name" == portcullis ]] && has limits "$SCENARIOS"; then
+    if [[ $extras == 1 ]] && has limits "$SCENARIOS"; then
         local order=(limits_plain limits_local) sc path
         ((round % 2 == 0)) && order=(limits_local limits_plain)
         for sc in "${order[@]}"; do
@@ -813,8 +901,8 @@ run_server_round() { # run_server_round ROUND SERVER
         # the same route, counted on Redis; then with Redis frozen (accepting,
         # never answering): 3 requests wait out the timeout, then the circuit
         # opens and the in-process limiter decides
-        stop_server "$name"
-        start_server "$name" "$T/portcullis/proxy-redis.toml"
+        stop_server "$name" "$mode" "$round"
+        start_server "$name" "$mode" proxy-redis
         measure "$round" portcullis limits_redis wrk "$SERVER_PID" \
             wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/limited"
         kill -STOP "$REDIS_PID"
@@ -825,7 +913,7 @@ run_server_round() { # run_server_round ROUND SERVER
         grep -q 'redis is failing' "$T/portcullis/run.stderr" ||
             echo "limits_frozen round $round: portcullis never logged 'redis is failing'" >>"$T/notes.txt"
     fi
-    stop_server "$name"
+    stop_server "$name" "$mode" "$round"
 }
 
 REDIS_PID=""
@@ -849,7 +937,17 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for ((i = 0; i < N; i++)); do
         # rotate the order every round so no server always goes first or last
         name="${SERVER_LIST[$(((i + round - 1) % N))]}"
-        run_server_round "$round" "$name"
+        if [[ "$name" == direct ]]; then
+            run_server_round "$round" direct on
+            continue
+        fi
+        # both modes of one server back to back, their order alternating by
+        # round, so the logging cost is a difference measured minutes apart at most
+        modes=("${LOG_MODES[@]}")
+        if ((round % 2 == 0)) && ((${#modes[@]} == 2)); then modes=("${modes[1]}" "${modes[0]}"); fi
+        for mode in "${modes[@]}"; do
+            run_server_round "$round" "$name" "$mode"
+        done
     done
 done
 
@@ -870,8 +968,15 @@ export BENCH_META_WRK="$(wrk -v 2>&1 | head -n1 | cut -c1-60)"
 export BENCH_META_H2LOAD="$(ver h2load --version)"
 export BENCH_META_OPENSSL="$(ver openssl version)"
 export BENCH_META_PORTCULLIS="${PORTCULLIS:+$GIT_REV$GIT_DIRTY ($PORTCULLIS)}"
-export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" PORTCULLIS_LOG_LEVEL=$PORTCULLIS_LOG_LEVEL bench/run.sh"
+export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" LOGS=\"$LOGS\" bench/run.sh"
 export BENCH_META_NOFILE="$NOFILE"
+# access-log lines each server wrote per run, as the fairness proof that
+# every server logged with LOGS=on (and none with LOGS=off)
+if [[ -s "$T/access-lines.tsv" ]]; then
+    awk -F'\t' '{ k = $1 " (logs " $2 ")"; n[k]++; sum[k] += $3; if (!(k in lo) || $3 < lo[k]) lo[k] = $3; if ($3 > hi[k]) hi[k] = $3 }
+        END { for (k in n) printf "access-log lines written per server run: %s: %d runs, %d to %d lines\n", k, n[k], lo[k], hi[k] }' \
+        "$T/access-lines.tsv" | sort >>"$T/notes.txt"
+fi
 export DURATION ROUNDS SERVERS SCENARIOS HANDSHAKES HS_TLS IDLE_CONNS WORKERS UPSTREAM_WORKERS
 "$PYTHON" - "$T/checks.tsv" "$T/notes.txt" "$T/meta.json" <<'EOF'
 import json, os, sys
@@ -903,7 +1008,13 @@ if [[ -s "$T/logs/portcullis-stderr-all.txt" || -s "$T/logs/portcullis-stdout-al
     head -n 200 "$T/logs/portcullis-stderr-all.txt" >"$RESULTS_DIR/latest.portcullis-stderr.txt" 2>/dev/null || true
 fi
 cp "$RAW" "$RESULTS_DIR/latest.raw.jsonl"
-"$PYTHON" "$HERE/benchlib.py" report --raw "$RAW" --meta "$T/meta.json" --servers "$SERVERS" \
+REPORT_ROWS=""
+for s in $SERVERS; do
+    if [[ "$s" == direct ]]; then continue; fi
+    for mode in "${LOG_MODES[@]}"; do REPORT_ROWS+=" $(label "$s" "$mode")"; done
+done
+has direct "$SERVERS" && REPORT_ROWS+=" direct"
+"$PYTHON" "$HERE/benchlib.py" report --raw "$RAW" --meta "$T/meta.json" --servers "$REPORT_ROWS" \
     --json "$RESULTS_DIR/latest.json" --md "$RESULTS_DIR/latest.md" >/dev/null
 # adds the checks scenario's table (if it ran) to both files, then prints the Markdown
 "$PYTHON" "$HERE/checks.py" report --raw "$RAW" --bodies "$CHECKS_DIR/bodies.json" \
