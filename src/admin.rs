@@ -1,5 +1,7 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (listeners
-//! bound and the upstream accepting connections; 503 otherwise) and
+//! bound and every upstream group with a server taking requests — health
+//! checks passing, or without checks one accepting a connection; 503
+//! otherwise, naming the groups) and
 //! `/metrics` (Prometheus text format). Keep it on a private address.
 
 use std::sync::Arc;
@@ -15,8 +17,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::config::ServerAddress;
 use crate::runtime::Shared;
 use crate::server::plain_listener;
+use crate::upstream::UpstreamStream;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let max_connections = shared.runtime.load().config.server.max_connections;
@@ -53,34 +57,65 @@ async fn answer(request: &Request<Incoming>, shared: &Shared) -> Response<Full<B
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" => {
             let listening = shared.listeners_ready.load(Ordering::Acquire);
-            let upstream = shared.runtime.load().config.upstream.authority.clone();
-            let reachable = upstream_reachable(&upstream).await;
-            let status = if listening && reachable {
+            let runtime = shared.runtime.load_full();
+            let mut unavailable = Vec::new();
+            for (group, health) in runtime.upstreams.groups() {
+                // With health checks their verdict; without, a connection
+                // to any of the group's servers.
+                let ready = if group.health_check.is_some() {
+                    health.any_available()
+                } else {
+                    any_reachable(&group.servers).await
+                };
+                if !ready {
+                    unavailable.push(serde_json::Value::from(&*group.name));
+                }
+            }
+            let status = if listening && unavailable.is_empty() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let body = format!("{{\"listeners\":{listening},\"upstream\":{reachable}}}\n");
-            text(status, body, "application/json")
+            let body = serde_json::json!({
+                "listeners": listening,
+                "upstream": unavailable.is_empty(),
+                "unavailable_upstreams": unavailable,
+            });
+            text(status, format!("{body}\n"), "application/json")
         }
         "/metrics" => text(
             StatusCode::OK,
-            shared.metrics.encode(),
+            {
+                shared
+                    .runtime
+                    .load()
+                    .upstreams
+                    .refresh_gauges(&shared.metrics);
+                shared.metrics.encode()
+            },
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
 }
 
-async fn upstream_reachable(authority: &http::uri::Authority) -> bool {
-    let port = authority.port_u16().unwrap_or(80);
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let connect = tokio::net::TcpStream::connect((host, port));
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), connect).await,
-        Ok(Ok(_))
-    )
+/// Some server of the list accepts a connection within 2 s.
+async fn any_reachable(servers: &[ServerAddress]) -> bool {
+    let mut attempts = tokio::task::JoinSet::new();
+    for server in servers {
+        let server = server.clone();
+        attempts.spawn(async move {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), UpstreamStream::connect(&server))
+                    .await,
+                Ok(Ok(_))
+            )
+        });
+    }
+    while let Some(reached) = attempts.join_next().await {
+        if matches!(reached, Ok(true)) {
+            return true;
+        }
+    }
+    false
 }

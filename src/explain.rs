@@ -233,7 +233,13 @@ async fn judge_probe(
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
-    report.upstream = Some(upstream_view(&upstream, runtime));
+    let group_index = head.route.map_or(0, |r| r.config.upstream);
+    let group = runtime
+        .config
+        .upstream_groups()
+        .nth(group_index)
+        .unwrap_or(&runtime.config.upstream);
+    report.upstream = Some(upstream_view(&upstream, group));
     Ok(target)
 }
 
@@ -283,14 +289,31 @@ fn answer(rejection: Rejection) -> Outcome {
 /// Header values never shown: credentials a client sent.
 const SECRET_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
 
-fn upstream_view(upstream: &crate::upstream::UpstreamRequest, runtime: &Runtime) -> Vec<String> {
+fn upstream_view(
+    upstream: &crate::upstream::UpstreamRequest,
+    group: &crate::config::Upstream,
+) -> Vec<String> {
     let request = &upstream.request;
     let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let servers: Vec<String> = group.servers.iter().map(|s| s.to_string()).collect();
+    let to = if servers.len() == 1 {
+        servers.join("")
+    } else {
+        format!(
+            "one of {} by {}",
+            servers.join(", "),
+            group.balance.as_str()
+        )
+    };
+    let named = if &*group.name == "default" {
+        String::new()
+    } else {
+        format!("upstream {}: ", group.name)
+    };
     let mut lines = vec![format!(
-        "{} {} HTTP/1.1  (to {})",
+        "{} {} HTTP/1.1  (to {named}{to})",
         request.method(),
         redact_query(target),
-        runtime.config.upstream.authority
     )];
     let mut headers: HeaderMap = request.headers().clone();
     let fields = &upstream.fields;
@@ -300,7 +323,7 @@ fn upstream_view(upstream: &crate::upstream::UpstreamRequest, runtime: &Runtime)
             headers.insert(http::header::HOST, host.clone());
         }
         crate::forward::HostField::Missing => {
-            if let Ok(host) = HeaderValue::from_str(runtime.config.upstream.authority.as_str()) {
+            if let Ok(host) = HeaderValue::from_str(&group.default_host()) {
                 headers.insert(http::header::HOST, host);
             }
         }

@@ -16,7 +16,7 @@
 //!        · claims (403)                           policy/claims.rs
 //!        · CSRF (403) · JSON schema (415, 413, 400)   policy/csrf.rs, schema.rs
 //!   4. build the upstream request                        forward.rs
-//!   5. send it over the worker's pool            → 502/504 upstream.rs
+//!   5. send it to the route's upstream group     → 502/504 upstream/
 //!   6. response filters: HSTS, cookies, headers          filters/
 //!   7. access log (when the body ends) + metrics         telemetry.rs
 //! ```
@@ -231,9 +231,13 @@ async fn judge_and_forward(
         body,
     )?;
 
-    // 5. send it
-    let client = &runtime.upstreams[ctx.conn.worker % runtime.upstreams.len()];
-    let mut response = match client.send(upstream_request).await {
+    // 5. send it to a server of the route's upstream group
+    let group = route.map_or(0, |r| r.config.upstream);
+    let sent = runtime
+        .upstreams
+        .send(group, ctx.conn.worker, ctx.record.client, upstream_request)
+        .await;
+    let mut response = match sent {
         Ok(response) => response,
         Err(rejection) => {
             let metrics = &ctx.conn.shared.metrics;

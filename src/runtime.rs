@@ -25,15 +25,15 @@ use crate::policy::rate_limit::{RouteLimiter, SharedQuota};
 use crate::redis_limits::RedisLimits;
 use crate::routes::{RouteRuntime, RouteTable};
 use crate::telemetry::{Metrics, RouteMetrics};
-use crate::upstream::UpstreamClient;
+use crate::upstream::Upstreams;
 
 pub struct Runtime {
     pub config: Config,
     pub tls: TlsAcceptor,
     pub routes: RouteTable,
     pub filters: ResponseFilters,
-    /// Indexed by worker.
-    pub upstreams: Vec<UpstreamClient>,
+    /// The upstream groups, each with a pool per worker and server.
+    pub upstreams: Upstreams,
     /// `forward_claims` header names, removed from every client request.
     pub identity_headers: Vec<HeaderName>,
     /// The verifier and its key fetcher; `None` without `[jwt]`.
@@ -70,8 +70,8 @@ impl JwtRuntime {
 
 impl Runtime {
     /// Builds the runtime. `previous` lets a reload keep what did not change:
-    /// a route's limiter (and its counts) when its limit is the same, the
-    /// upstream pools when `[upstream]` is the same, and the Redis
+    /// a route's limiter (and its counts) when its limit is the same, each
+    /// upstream server's health and pools when it stays, and the Redis
     /// connections when `[redis]` is. The JWT verifier is
     /// always new: a reload re-reads the secret and the key files, refetches
     /// `jwks_url` at once, and empties the verified-token cache (which the
@@ -130,14 +130,14 @@ impl Runtime {
                 }
             })
             .collect();
-        let upstreams = match previous {
-            Some(p) if p.config.upstream == config.upstream && p.upstreams.len() == workers => {
-                p.upstreams.clone()
-            }
-            _ => (0..workers.max(1))
-                .map(|_| UpstreamClient::new(&config.upstream))
-                .collect(),
-        };
+        let upstreams = Upstreams::build(
+            &config,
+            workers,
+            previous.map(|p| &p.upstreams),
+            metrics,
+            matches!(purpose, Purpose::Serve),
+        )
+        .context("cannot start the upstream health checks")?;
         let identity_headers = config
             .jwt
             .as_ref()

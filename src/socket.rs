@@ -18,8 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// One write of `bufs`: send(2) when at most one of them has bytes, else writev(2).
-pub fn poll_write_slices(
-    tcp: Pin<&mut TcpStream>,
+pub fn poll_write_slices<W: AsyncWrite + ?Sized>(
+    tcp: Pin<&mut W>,
     cx: &mut Context<'_>,
     bufs: &[IoSlice<'_>],
 ) -> Poll<io::Result<usize>> {

@@ -228,6 +228,19 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamServerLabels {
+    pub upstream: Arc<str>,
+    pub server: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamRequestLabels {
+    pub upstream: Arc<str>,
+    pub server: Arc<str>,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -331,6 +344,14 @@ pub struct Metrics {
     /// while the circuit is open, and without `[redis]`.
     pub redis_up: Gauge,
     pub redis_errors: Family<KindLabels, Counter>,
+    /// Answers and failures per upstream server, by status class
+    /// (`2xx`...`5xx`, or `error` when no answer came).
+    pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
+    /// 1 while a server takes requests (health checks pass, not ejected);
+    /// set at each scrape from the health state.
+    pub upstream_healthy: Family<UpstreamServerLabels, Gauge>,
+    /// Requests in flight per server, every worker's summed at each scrape.
+    pub upstream_in_flight: Family<UpstreamServerLabels, Gauge>,
     registry: Registry,
 }
 
@@ -348,7 +369,25 @@ impl Metrics {
         let tls_handshakes = Family::<VersionLabels, Counter>::default();
         let redis_up = Gauge::default();
         let redis_errors = Family::<KindLabels, Counter>::default();
+        let upstream_requests = Family::<UpstreamRequestLabels, Counter>::default();
+        let upstream_healthy = Family::<UpstreamServerLabels, Gauge>::default();
+        let upstream_in_flight = Family::<UpstreamServerLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("portcullis");
+        registry.register(
+            "upstream_requests",
+            "Requests sent to each upstream server, by status class (error: no answer)",
+            upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_healthy",
+            "1 while an upstream server takes requests (health checks pass, not ejected)",
+            upstream_healthy.clone(),
+        );
+        registry.register(
+            "upstream_in_flight",
+            "Requests in flight to each upstream server",
+            upstream_in_flight.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by route and status",
@@ -414,6 +453,9 @@ impl Metrics {
             let _ = tls_handshakes.get_or_create(&VersionLabels { version });
         }
         Metrics {
+            upstream_requests,
+            upstream_healthy,
+            upstream_in_flight,
             requests,
             duration,
             upstream_errors,

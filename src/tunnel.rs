@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::connection::Activity;
@@ -44,11 +43,11 @@ pub fn spawn(
             }
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
-        let UpstreamUpgrade { tcp, early_data } = upstream;
+        let UpstreamUpgrade { stream, early_data } = upstream;
         let started = Instant::now();
         let last_moved = Arc::new(AtomicU64::new(0));
         let mut upstream = Watched {
-            tcp,
+            stream,
             started,
             last_moved: last_moved.clone(),
         };
@@ -102,7 +101,7 @@ async fn watch(
 /// The upstream side, noting when bytes last moved either way: everything
 /// the client sends is written here, everything it receives is read here.
 struct Watched {
-    tcp: TcpStream,
+    stream: crate::upstream::UpstreamStream,
     started: Instant,
     last_moved: Arc<AtomicU64>,
 }
@@ -121,7 +120,7 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.moved();
         }
@@ -135,7 +134,7 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.moved();
         }
@@ -143,10 +142,10 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

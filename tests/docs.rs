@@ -123,8 +123,13 @@ fn base_for(block: &Block) -> String {
         if has_header(&block.text, section) {
             let table = parsed.get(section).and_then(|v| v.as_table());
             for key in keys {
+                // `[upstream]` names its servers in `url` or in `servers`.
+                let alternative = (section == "upstream" && *key == "url").then_some("servers");
                 assert!(
-                    block.refused || table.is_some_and(|t| t.contains_key(*key)),
+                    block.refused
+                        || table.is_some_and(|t| {
+                            t.contains_key(*key) || alternative.is_some_and(|a| t.contains_key(a))
+                        }),
                     "docs/configuration.md:{}: the fragment writes [{section}] without its required {key}",
                     block.line
                 );

@@ -25,7 +25,26 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
     if let Some(addr) = s.admin_listen {
         println!("  admin  {addr} (/healthz, /readyz, /metrics)");
     }
-    println!("upstream: http://{}", config.upstream.authority);
+    for group in config.upstream_groups() {
+        let servers: Vec<String> = group.servers.iter().map(|s| s.to_string()).collect();
+        let mut line = format!("upstream {}: {}", group.name, servers.join(", "));
+        if group.servers.len() > 1 {
+            line.push_str(&format!(
+                " (balance {}, retries {}, eject after {} failures for {:?})",
+                group.balance.as_str(),
+                group.retries,
+                group.eject.consecutive_failures,
+                group.eject.duration
+            ));
+        }
+        if let Some(check) = &group.health_check {
+            line.push_str(&format!(
+                "; health check GET {} every {:?} (timeout {:?}, healthy after {}, unhealthy after {})",
+                check.path, check.interval, check.timeout, check.healthy, check.unhealthy
+            ));
+        }
+        println!("{line}");
+    }
     if let Some(jwt) = &config.jwt {
         println!("jwt: {}", jwt.verifier.summary());
     }

@@ -57,7 +57,15 @@ pub fn demo(config_path: &Path) -> Result<(), Failure> {
     let config = crate::config::load(config_path)?;
     let _log = crate::telemetry::init(config.log.json, &config.log.level);
 
-    let upstream = config.upstream.authority.clone();
+    let upstream = match config.upstream.servers.as_slice() {
+        [crate::config::ServerAddress::Tcp(authority)] => authority.clone(),
+        _ => {
+            return Err(Failure::Usage(
+                "demo: [upstream] must be one url = \"http://IP:PORT\" for the mock upstream"
+                    .into(),
+            ));
+        }
+    };
     let upstream_addr: std::net::SocketAddr =
         format!("{}:{}", upstream.host(), upstream.port_u16().unwrap_or(80))
             .parse()
@@ -270,8 +278,8 @@ fn print_walkthrough(
     let cacert = config.tls.cert_path.display();
     eprintln!();
     eprintln!(
-        "portcullis demo: the mock upstream is on http://{}, the proxy on {base}",
-        config.upstream.authority
+        "portcullis demo: the mock upstream is on {}, the proxy on {base}",
+        config.upstream.servers[0]
     );
     eprintln!("Try these in another terminal (the dev certificate is {cacert}):");
     eprintln!();
@@ -282,8 +290,8 @@ fn print_walkthrough(
         .collect();
     if !dropped.is_empty() {
         eprintln!(
-            "  curl -i http://{}/hello             # the app itself: it also sends {}, which the proxy drops",
-            config.upstream.authority,
+            "  curl -i {}/hello             # the app itself: it also sends {}, which the proxy drops",
+            config.upstream.servers[0],
             dropped.join(" and ")
         );
     }

@@ -17,6 +17,9 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub tls: Option<TlsSection>,
     pub upstream: UpstreamSection,
+    /// Named upstream groups (`[upstreams.billing]`), reached by a route's `upstream`.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub hsts: HstsSection,
     #[serde(default)]
@@ -88,13 +91,44 @@ pub struct SniSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    pub url: String,
+    /// One server; `servers` names several replicas instead.
+    pub url: Option<String>,
+    pub servers: Option<Vec<String>>,
+    #[serde(default = "defaults::balance")]
+    pub balance: String,
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    pub health_check: Option<HealthCheckSection>,
+    pub eject: Option<EjectSection>,
     #[serde(default = "defaults::connect_timeout")]
     pub connect_timeout: DurationValue,
     #[serde(default = "defaults::upstream_timeout")]
     pub timeout: DurationValue,
     #[serde(default = "defaults::pool_idle_timeout")]
     pub pool_idle_timeout: DurationValue,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    pub path: String,
+    #[serde(default = "defaults::health_interval")]
+    pub interval: DurationValue,
+    #[serde(default = "defaults::health_timeout")]
+    pub timeout: DurationValue,
+    #[serde(default = "defaults::health_healthy")]
+    pub healthy: u32,
+    #[serde(default = "defaults::health_unhealthy")]
+    pub unhealthy: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EjectSection {
+    #[serde(default = "defaults::eject_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "defaults::eject_duration")]
+    pub duration: DurationValue,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +283,8 @@ pub struct RouteSection {
     pub allowed_origins: Vec<String>,
     pub json_schema: Option<String>,
     pub max_body_bytes: Option<SizeValue>,
+    /// A named upstream group (`[upstreams.NAME]`); the default group without it.
+    pub upstream: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,6 +339,38 @@ mod defaults {
     pub fn connect_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(5))
     }
+    pub fn balance() -> String {
+        "least_request".into()
+    }
+
+    pub fn retries() -> u32 {
+        1
+    }
+
+    pub fn health_interval() -> DurationValue {
+        DurationValue(Duration::from_secs(5))
+    }
+
+    pub fn health_timeout() -> DurationValue {
+        DurationValue(Duration::from_secs(1))
+    }
+
+    pub fn health_healthy() -> u32 {
+        2
+    }
+
+    pub fn health_unhealthy() -> u32 {
+        3
+    }
+
+    pub fn eject_failures() -> u32 {
+        5
+    }
+
+    pub fn eject_duration() -> DurationValue {
+        DurationValue(Duration::from_secs(30))
+    }
+
     pub fn upstream_timeout() -> DurationValue {
         DurationValue(Duration::from_secs(30))
     }

@@ -32,7 +32,10 @@ pub struct Config {
     pub path: PathBuf,
     pub server: Server,
     pub tls: Tls,
+    /// `[upstream]`, the group routes use unless they name another.
     pub upstream: Upstream,
+    /// `[upstreams.NAME]`, in name order.
+    pub upstreams: Vec<Upstream>,
     /// The `Strict-Transport-Security` value, or `None` when disabled.
     pub hsts: Option<HeaderValue>,
     pub cookies: CookiePolicy,
@@ -89,13 +92,106 @@ pub struct SniCert {
     pub cert: Arc<CertifiedKey>,
 }
 
-#[derive(Clone, PartialEq, Eq)]
+impl Config {
+    /// Every upstream group: `[upstream]` first, then the named ones; a
+    /// route's [`Route::upstream`] indexes this order.
+    pub fn upstream_groups(&self) -> impl Iterator<Item = &Upstream> {
+        std::iter::once(&self.upstream).chain(self.upstreams.iter())
+    }
+}
+
+/// One upstream group: the servers of one app and how requests spread over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// `host:port` as written in the url, used to build request URIs.
-    pub authority: http::uri::Authority,
+    /// `default` for `[upstream]`, else the table's name; a metric and log label.
+    pub name: Arc<str>,
+    /// At least one.
+    pub servers: Vec<ServerAddress>,
+    pub balance: Balance,
+    /// Extra attempts on another server, when the request is safe to send again.
+    pub retries: u32,
+    pub health_check: Option<HealthCheck>,
+    pub eject: Eject,
     pub connect_timeout: Duration,
+    /// To the response head, every attempt included.
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
+}
+
+impl Upstream {
+    /// The `Host` sent when the client's request carried none (HTTP/1.0):
+    /// the first TCP server's `host:port`, or `localhost` behind a socket.
+    pub fn default_host(&self) -> String {
+        self.servers
+            .iter()
+            .find_map(|server| match server {
+                ServerAddress::Tcp(authority) => Some(authority.to_string()),
+                ServerAddress::Unix(_) => None,
+            })
+            .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+/// Where one upstream server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServerAddress {
+    /// `http://host:port`: `host:port` as written (port 80 when none).
+    Tcp(http::uri::Authority),
+    /// `unix:/run/app.sock`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ServerAddress {
+    /// As written in `proxy.toml`: the `server` label of the metrics.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddress::Tcp(authority) => write!(f, "http://{authority}"),
+            ServerAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Two random servers, the one with fewer requests in flight (per worker).
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// Rendezvous hashing on the client address: a client stays on its
+    /// server, and a server added or removed moves only its share.
+    ClientIp,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastRequest => "least_request",
+            Balance::RoundRobin => "round_robin",
+            Balance::Random => "random",
+            Balance::ClientIp => "client_ip",
+        }
+    }
+}
+
+/// `health_check`: `GET path` on every server every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that make an unhealthy server healthy.
+    pub healthy: u32,
+    /// Failures in a row that make a healthy server unhealthy.
+    pub unhealthy: u32,
+}
+
+/// `eject`: passive ejection after failures seen by requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eject {
+    pub consecutive_failures: u32,
+    /// The first ejection's length; doubled for each one that follows
+    /// without a success in between.
+    pub duration: Duration,
 }
 
 #[derive(Default)]
@@ -176,6 +272,8 @@ pub struct Route {
     /// Compiled once per load; shared by the route's runtime across reloads of other keys.
     pub json_schema: Option<Arc<RouteSchema>>,
     pub max_body_bytes: Option<u64>,
+    /// Index into [`Config::upstream_groups`]: 0 is `[upstream]`.
+    pub upstream: usize,
 }
 
 /// A configuration error with its place: `file:line:col: key: message`.

@@ -122,8 +122,6 @@ pub(super) async fn maintenance(shared: Arc<Shared>) {
                 limiter.sweep();
             }
         }
-        for upstream in runtime.upstreams.iter() {
-            upstream.sweep();
-        }
+        runtime.upstreams.sweep();
     }
 }

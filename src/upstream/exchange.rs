@@ -146,7 +146,7 @@ impl<'a> Exchange<'a> {
                         count += 1;
                     }
                     ready!(crate::socket::poll_write_slices(
-                        Pin::new(&mut self.connection.tcp),
+                        Pin::new(&mut self.connection.stream),
                         cx,
                         &slices[..count]
                     ))

@@ -1,31 +1,34 @@
-//! The per-worker pool: a stack of idle upstream connections, most recently
-//! used on top, and the loop that sends one request over it — check a
-//! connection out (or connect a new one), run the exchange, and retry on
-//! another connection when a pooled one turns out to have been closed by the
-//! upstream and nothing of the request can have been acted on.
+//! One server's pool on one worker: a stack of idle connections, most
+//! recently used on top, and the loop that sends one request over it —
+//! check a connection out (or connect a new one), run the exchange, and
+//! retry on another connection when a pooled one turns out to have been
+//! closed by the server and nothing of the request can have been acted on.
+//! Whether a failed request may go to another server is left in
+//! [`Outgoing::resendable`] for the group ([`super::group`]) to decide.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response};
 use http_body::Body;
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
 
-use crate::config::Upstream;
-use crate::forward::HostField;
+use crate::config::{ServerAddress, Upstream};
+use crate::forward::{HostField, ProxyFields};
 
 use super::codec::{self, RequestFraming};
 use super::exchange::{Exchange, ExchangeError};
 use super::response_body::{self, UpstreamResponseBody};
-use super::{SendError, UpstreamRequest};
+use super::stream::UpstreamStream;
+use super::{SendError, UpstreamBody, UpstreamRequest};
 
-/// Idle connections kept per worker; more are closed when they come back.
+/// Idle connections kept per worker and server; more are closed when they come back.
 const MAX_IDLE_PER_WORKER: usize = 1024;
 
 /// How many pooled connections a request tries before it opens a new one:
@@ -37,19 +40,18 @@ const MAX_STALE_RETRIES: usize = 3;
 const MAX_KEPT_HEAD_BUFFER: usize = 4 * 1024;
 
 pub(super) struct Pool {
-    /// `host:port` to connect to.
-    address: String,
-    /// Sent when the client's request carried no Host (HTTP/1.0).
-    default_host: Option<HeaderValue>,
+    server: ServerAddress,
     connect_timeout: Duration,
-    pub(super) timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<IdleConnection>>,
+    /// This worker's requests to this server not finished yet (their
+    /// response body still streaming included): `least_request` compares it.
+    pub(super) in_flight: AtomicUsize,
 }
 
 /// An upstream connection between exchanges: nothing unread, nothing owed.
 pub(super) struct Connection {
-    pub(super) tcp: TcpStream,
+    pub(super) stream: UpstreamStream,
     /// Bytes read and not yet consumed; empty (and unallocated) while idle.
     pub(super) read_buffer: BytesMut,
     /// Where request heads are encoded; kept between requests (a few hundred
@@ -62,21 +64,87 @@ struct IdleConnection {
     since: Instant,
 }
 
-impl Pool {
-    pub(super) fn new(config: &Upstream) -> Self {
-        let authority = &config.authority;
-        let address = match authority.port_u16() {
-            Some(_) => authority.as_str().to_owned(),
-            None => format!("{}:80", authority.host()),
+/// One request on its way, kept whole between attempts on different
+/// servers: its head is encoded once, and its body is only taken from once
+/// an attempt starts streaming it (after which it is never sent again).
+pub(super) struct Outgoing {
+    parts: Parts,
+    body: UpstreamBody,
+    fields: ProxyFields,
+    /// The group's `Host` for a request that carried none (HTTP/1.0).
+    default_host: HeaderValue,
+    framing: RequestFraming,
+    head: Option<Vec<u8>>,
+    /// Once the head is encoded the request's header map is free: the
+    /// response's fields go into its memory.
+    spare_headers: HeaderMap,
+    upgrade: bool,
+    /// Safe to send again after a server may have acted on it: GET, HEAD,
+    /// OPTIONS, PUT or DELETE without a body.
+    replayable: bool,
+    /// After a failed attempt: whether another server may be sent it.
+    pub(super) resendable: bool,
+}
+
+impl Outgoing {
+    pub(super) fn new(
+        UpstreamRequest {
+            request,
+            fields,
+            upgrade,
+        }: UpstreamRequest,
+        default_host: HeaderValue,
+    ) -> Self {
+        let (parts, body) = request.into_parts();
+        let framing = if body.is_end_stream() {
+            RequestFraming::Empty
+        } else {
+            match body.size_hint().exact() {
+                Some(length) => RequestFraming::Length(length),
+                None => RequestFraming::Chunked,
+            }
         };
+        let replayable = framing == RequestFraming::Empty && is_replayable(&parts.method);
+        Outgoing {
+            parts,
+            body,
+            fields,
+            default_host,
+            framing,
+            head: None,
+            spare_headers: HeaderMap::new(),
+            upgrade,
+            replayable,
+            resendable: false,
+        }
+    }
+
+    pub(super) fn method(&self) -> &Method {
+        &self.parts.method
+    }
+}
+
+impl Pool {
+    pub(super) fn new(server: ServerAddress, config: &Upstream) -> Self {
         Pool {
-            default_host: HeaderValue::from_str(authority.as_str()).ok(),
-            address,
+            server,
             connect_timeout: config.connect_timeout,
-            timeout: config.timeout,
             idle_timeout: config.pool_idle_timeout,
             idle: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether this pool can serve `config`'s group as it is: a reload
+    /// keeps it (and its warm connections) then.
+    pub(super) fn fits(&self, server: &ServerAddress, config: &Upstream) -> bool {
+        self.server == *server
+            && self.connect_timeout == config.connect_timeout
+            && self.idle_timeout == config.pool_idle_timeout
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Closes connections idle for longer than `pool_idle_timeout`, and those
@@ -107,37 +175,14 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// One attempt on this server. On failure, [`Outgoing::resendable`]
+    /// says whether nothing of the request can have been acted on (or it is
+    /// safe to act on twice), so another server may be sent it.
     pub(super) async fn send(
         self: &Arc<Self>,
-        UpstreamRequest {
-            request,
-            fields,
-            upgrade,
-        }: UpstreamRequest,
+        out: &mut Outgoing,
     ) -> Result<Response<UpstreamResponseBody>, SendError> {
-        let (mut parts, mut body) = request.into_parts();
-        let host = match &fields.host {
-            HostField::InMap => None,
-            HostField::Write(host) => Some(host),
-            // Sent when the client's request carried no Host (HTTP/1.0).
-            HostField::Missing => self.default_host.as_ref(),
-        };
-        let framing = if body.is_end_stream() {
-            RequestFraming::Empty
-        } else {
-            match body.size_hint().exact() {
-                Some(length) => RequestFraming::Length(length),
-                None => RequestFraming::Chunked,
-            }
-        };
-        // Idempotent and bodiless: the upstream can safely see it twice.
-        let replayable = framing == RequestFraming::Empty && is_idempotent(&parts.method);
-        // Encoded once, on the first connection's buffer; kept for retries.
-        let mut head: Option<Vec<u8>> = None;
-        // Once the head is encoded the request's header map is free: the
-        // response's fields go into its memory.
-        let mut spare_headers = HeaderMap::new();
-
+        out.resendable = false;
         let mut stale_retries = 0;
         loop {
             let pooled = if stale_retries < MAX_STALE_RETRIES {
@@ -150,39 +195,63 @@ impl Pool {
                 Some(connection) => connection,
                 // Boxed: connecting is the rare path, and its state would
                 // otherwise be part of every request's future.
-                None => Box::pin(self.connect()).await?,
+                None => match Box::pin(self.connect()).await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        out.resendable = true;
+                        return Err(error);
+                    }
+                },
             };
+            let Outgoing {
+                parts,
+                body,
+                fields,
+                default_host,
+                framing,
+                head,
+                spare_headers,
+                upgrade,
+                replayable,
+                resendable,
+            } = &mut *out;
             let head = head.get_or_insert_with(|| {
                 let mut buffer = std::mem::take(&mut connection.head_buffer);
                 buffer.clear();
+                let host = match &fields.host {
+                    HostField::InMap => None,
+                    HostField::Write(host) => Some(host),
+                    HostField::Missing => Some(&*default_host),
+                };
                 codec::encode_request_head(
                     &mut buffer,
                     &parts.method,
                     &parts.uri,
                     &parts.headers,
-                    framing,
+                    *framing,
                     &codec::ProxyFields {
                         host,
                         forwarded_for: &fields.forwarded_for,
                         forwarded_host: fields.forwarded_host.as_ref(),
                     },
                 );
-                spare_headers = std::mem::take(&mut parts.headers);
+                *spare_headers = std::mem::take(&mut parts.headers);
                 buffer
             });
             let mut exchange = Exchange::new(
                 &mut connection,
                 head,
-                &mut body,
-                framing,
+                body,
+                *framing,
                 &parts.method,
-                &mut spare_headers,
+                spare_headers,
             );
             let outcome = poll_fn(|cx| exchange.poll(cx)).await;
             let request_finished = exchange.request_finished();
-            let (retry_allowed, body_started, wrote_nothing) =
-                (replayable, exchange.body_started, exchange.written == 0);
+            let (body_started, wrote_nothing) = (exchange.body_started, exchange.written == 0);
             let response_started = exchange.response_started;
+            // Nothing reached the server, or what did is safe to repeat.
+            let repeatable = !response_started && !body_started && (wrote_nothing || *replayable);
             match outcome {
                 Ok(response_head) => {
                     connection.head_buffer = std::mem::take(head);
@@ -191,20 +260,19 @@ impl Pool {
                         connection,
                         response_head,
                         request_finished,
-                        upgrade,
+                        *upgrade,
                     );
                 }
                 Err(SendError::Exchange(error))
-                    if reused
-                        && !response_started
-                        && !body_started
-                        && (wrote_nothing || retry_allowed)
-                        && is_connection_failure(&error) =>
+                    if reused && repeatable && is_connection_failure(&error) =>
                 {
                     tracing::debug!(%error, "pooled upstream connection was stale; retrying");
                     stale_retries += 1;
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    *resendable = repeatable && matches!(error, SendError::Exchange(_));
+                    return Err(error);
+                }
             }
         }
     }
@@ -246,32 +314,26 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Connection, SendError> {
-        let tcp = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(self.address.as_str()),
-        )
-        .await
-        {
-            Err(_elapsed) => {
-                return Err(SendError::Connect(format!(
-                    "connecting to {} timed out after {:?}",
-                    self.address, self.connect_timeout
-                )));
-            }
-            Ok(Err(error)) => {
-                return Err(SendError::Connect(format!(
-                    "cannot connect to {}: {error}",
-                    self.address
-                )));
-            }
-            Ok(Ok(tcp)) => tcp,
-        };
-        // Best effort: a socket without these options still works.
-        let _ = tcp.set_nodelay(true);
-        let _ = SockRef::from(&tcp)
-            .set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(60)));
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, UpstreamStream::connect(&self.server))
+                .await
+            {
+                Err(_elapsed) => {
+                    return Err(SendError::Connect(format!(
+                        "connecting to {} timed out after {:?}",
+                        self.server, self.connect_timeout
+                    )));
+                }
+                Ok(Err(error)) => {
+                    return Err(SendError::Connect(format!(
+                        "cannot connect to {}: {error}",
+                        self.server
+                    )));
+                }
+                Ok(Ok(stream)) => stream,
+            };
         Ok(Connection {
-            tcp,
+            stream,
             read_buffer: BytesMut::new(),
             head_buffer: Vec::new(),
         })
@@ -284,7 +346,7 @@ impl Connection {
     /// become readable.
     fn looks_open(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Reads more into the buffer; `Ok(0)` is the upstream closing.
@@ -296,14 +358,17 @@ impl Connection {
         if self.read_buffer.capacity() - self.read_buffer.len() < reserve / 4 {
             self.read_buffer.reserve(reserve);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.read_buffer)
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buffer)
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
+/// Methods whose request, without a body, may reach a server twice (SPEC,
+/// "Several upstream servers"; RFC 9110's idempotent methods less TRACE,
+/// which nobody forwards on purpose).
+fn is_replayable(method: &Method) -> bool {
     matches!(
         *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     )
 }
 

@@ -6,6 +6,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -40,6 +41,7 @@ pub(super) fn response(
             connection: Some(connection),
             decoding: Decoding::Upgraded,
             give_back: None,
+            in_flight: None,
         };
         return Ok(response);
     }
@@ -57,6 +59,7 @@ pub(super) fn response(
         connection: Some(connection),
         decoding,
         give_back: reusable.then(|| pool.clone()),
+        in_flight: None,
     };
     if body.is_end_stream() {
         body.release();
@@ -82,6 +85,25 @@ pub struct UpstreamResponseBody {
     decoding: Decoding,
     /// Set when the connection may carry another request afterwards.
     give_back: Option<Arc<Pool>>,
+    /// Counts the request as in flight to its server until the body ends.
+    in_flight: Option<InFlight>,
+}
+
+/// One request in flight to one server, counted in its pool (this worker's
+/// `least_request` count) until dropped.
+pub(super) struct InFlight(Arc<Pool>);
+
+impl InFlight {
+    pub(super) fn begin(pool: &Arc<Pool>) -> Self {
+        pool.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(pool.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl UpstreamResponseBody {
@@ -90,6 +112,17 @@ impl UpstreamResponseBody {
             connection: None,
             decoding: Decoding::Done,
             give_back: None,
+            in_flight: None,
+        }
+    }
+
+    /// Keeps `in_flight` counted until the body has been read to the end
+    /// (or dropped); done at once if it already has.
+    pub(super) fn hold(&mut self, in_flight: InFlight) {
+        if self.connection.is_some()
+            && !matches!(self.decoding, Decoding::Done | Decoding::Upgraded)
+        {
+            self.in_flight = Some(in_flight);
         }
     }
 
@@ -101,11 +134,12 @@ impl UpstreamResponseBody {
         let mut connection = self.connection.take()?;
         Some(UpstreamUpgrade {
             early_data: connection.read_buffer.split().freeze(),
-            tcp: connection.tcp,
+            stream: connection.stream,
         })
     }
 
     fn release(&mut self) {
+        self.in_flight = None;
         let connection = self.connection.take();
         if let (Some(connection), Some(pool)) = (connection, self.give_back.take()) {
             pool.give_back(connection);
@@ -114,6 +148,7 @@ impl UpstreamResponseBody {
 
     fn fail(&mut self, error: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.give_back = None;
+        self.in_flight = None;
         self.connection = None;
         self.decoding = Decoding::Done;
         Poll::Ready(Some(Err(error)))
