@@ -465,6 +465,58 @@ def cmd_report(a):
         L.append(f"| plain | {_fmt(jwt['plain_rps'], 'req/s')} | {_fmt(jwt['plain_cpu_us_per_req'], 'µs')} | {_fmt(jwt['plain_p99_us'], 'ms')} |")
         L.append(f"| jwt + rate_limit | {_fmt(jwt['jwt_rps'], 'req/s')} ({jwt['ratio']:.2f}×; per round {', '.join(f'{x:.2f}' for x in jwt['ratio_per_round'])}) | {_fmt(jwt['jwt_cpu_us_per_req'], 'µs')} | {_fmt(jwt['jwt_p99_us'], 'ms')} |")
         L.append("")
+    # three upstream servers (bench/run.sh SCENARIOS=multi)
+    multi = {}
+    for s in order:
+        row = {}
+        for scen in ("multi_ka", "multi_h2"):
+            for key in ("rps", "cpu_us_per_req", "p99_us"):
+                vals = values(s, scen, key)
+                if vals:
+                    row[f"{scen}.{key}"] = _median(vals)
+            mine, theirs = per_round(s, scen, "rps"), per_round(baseline(s), scen, "rps")
+            ratios = [mine[r] / theirs[r] for r in mine if theirs.get(r)]
+            if ratios and s != baseline(s):
+                row[f"{scen}.ratio_to_nginx"] = round(statistics.median(ratios), 3)
+        if row:
+            multi[s] = row
+    if multi:
+        L.append("### Three upstream servers (round robin over keep-alive pools; the upstream nginx on three ports)")
+        L.append("")
+        L.append("| server | keep-alive req/s | keep-alive CPU/req | keep-alive p99 | HTTP/2 req/s | HTTP/2 CPU/req |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for s, row in multi.items():
+            def cell(scen, key, unit):
+                v = row.get(f"{scen}.{key}")
+                r = row.get(f"{scen}.ratio_to_nginx") if key == "rps" else None
+                return _fmt(v, unit) + (f" ({r:.2f}×)" if r is not None else "")
+            L.append(f"| {s} | {cell('multi_ka', 'rps', 'req/s')} | {cell('multi_ka', 'cpu_us_per_req', 'µs')} | "
+                     f"{cell('multi_ka', 'p99_us', 'ms')} | {cell('multi_h2', 'rps', 'req/s')} | {cell('multi_h2', 'cpu_us_per_req', 'µs')} |")
+        L.append("")
+    # the upstream over a Unix socket vs TCP (SCENARIOS=unix)
+    unix = None
+    unix_row = next((r for r in ("portcullis", "portcullis" + NOLOG) if by.get((r, "unix_ka"))), None)
+    if unix_row:
+        tcp_r, unix_r = per_round(unix_row, "ka", "rps"), per_round(unix_row, "unix_ka", "rps")
+        tcp_c, unix_c = per_round(unix_row, "ka", "cpu_us_per_req"), per_round(unix_row, "unix_ka", "cpu_us_per_req")
+        unix = {
+            "row": unix_row,
+            "tcp_rps": _median(list(tcp_r.values())), "unix_rps": _median(list(unix_r.values())),
+            "tcp_cpu_us_per_req": _median(list(tcp_c.values())), "unix_cpu_us_per_req": _median(list(unix_c.values())),
+            "rps_ratio_per_round": [round(unix_r[r] / tcp_r[r], 3) for r in unix_r if tcp_r.get(r)],
+            "cpu_ratio_per_round": [round(unix_c[r] / tcp_c[r], 3) for r in unix_c if tcp_c.get(r)],
+        }
+        L.append(f"### {unix_row}: the upstream over a Unix socket vs loopback TCP (keep-alive HTTPS/1.1, the ka run)")
+        L.append("")
+        L.append("| upstream | req/s | CPU/req |")
+        L.append("|---|---:|---:|")
+        L.append(f"| TCP | {_fmt(unix['tcp_rps'], 'req/s')} | {_fmt(unix['tcp_cpu_us_per_req'], 'µs')} |")
+        rr = unix["rps_ratio_per_round"]
+        cr = unix["cpu_ratio_per_round"]
+        L.append(f"| Unix socket | {_fmt(unix['unix_rps'], 'req/s')} ({statistics.median(rr):.2f}×; rounds {', '.join(f'{x:.2f}' for x in rr)}) | "
+                 f"{_fmt(unix['unix_cpu_us_per_req'], 'µs')} ({statistics.median(cr):.2f}×) |" if rr and cr else
+                 f"| Unix socket | {_fmt(unix['unix_rps'], 'req/s')} | {_fmt(unix['unix_cpu_us_per_req'], 'µs')} |")
+        L.append("")
     L.append("### Noise: (max − min) / median over rounds")
     L.append("")
     L.append("| server | " + " | ".join(c[1] for c in cols) + " |")
@@ -518,7 +570,7 @@ def cmd_report(a):
     L.append(f"Reproduce: `{meta.get('command', 'bench/run.sh')}`")
     md = "\n".join(L) + "\n"
 
-    out = {"meta": meta, "summary": summary, "logging_cost": costs, "jwt_route": jwt, "fairness": fairness, "raw": recs}
+    out = {"meta": meta, "summary": summary, "logging_cost": costs, "multi": multi, "unix": unix, "jwt_route": jwt, "fairness": fairness, "raw": recs}
     with open(a.json, "w") as f:
         json.dump(out, f, indent=2)
     with open(a.md, "w") as f:

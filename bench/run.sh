@@ -20,6 +20,9 @@
 #                               redis-server on REDIS_PORT) vs the same route limited in-process vs
 #                               /plain, then the Redis-limited route with Redis frozen (SIGSTOP)
 #                               (bench/limits.py)
+#                           multi  three upstream servers, round robin over keep-alive pools:
+#                               nginx, HAProxy and portcullis (wrk and h2load, as ka and h2)
+#                           unix   portcullis only: the same upstream over a Unix socket vs TCP
 #   LOGS="on off"           access logging of every server, one row each: "on" is what
 #                           users run (portcullis at its defaults, one JSON line per request
 #                           on stdout to a file; nginx access_log to a file with a JSON
@@ -38,6 +41,7 @@
 #   KEEP_TMP=1              keep the temporary directory (configs, logs)
 #   RESULTS_DIR=bench/results
 #   UPSTREAM_PORT=18080 STATUS_PORT=18081 PROXY_PORT=18443 REDIS_PORT=18379
+#   UPSTREAM2_PORT=18082 UPSTREAM3_PORT=18083 (the multi scenario's other two servers)
 
 set -euo pipefail
 
@@ -59,6 +63,8 @@ UPSTREAM_PORT="${UPSTREAM_PORT:-18080}"
 STATUS_PORT="${STATUS_PORT:-18081}"
 PROXY_PORT="${PROXY_PORT:-18443}"
 REDIS_PORT="${REDIS_PORT:-18379}"
+UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
+UPSTREAM3_PORT="${UPSTREAM3_PORT:-18083}"
 LOGS="${LOGS:-on off}"
 WRK_THREADS="${WRK_THREADS:-2}"
 WRK_CONNECTIONS="${WRK_CONNECTIONS:-64}"
@@ -79,7 +85,7 @@ for s in $SERVERS; do
     case "$s" in nginx | haproxy | h2o | portcullis | direct) ;; *) die "unknown server '$s' in SERVERS" ;; esac
 done
 for s in $SCENARIOS; do
-    case "$s" in ka | h2 | hs | mem | jwt | checks | limits) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
+    case "$s" in ka | h2 | hs | mem | jwt | checks | limits | multi | unix) ;; *) die "unknown scenario '$s' in SCENARIOS" ;; esac
 done
 for s in $LOGS; do
     case "$s" in on | off) ;; *) die "unknown mode '$s' in LOGS (on, off)" ;; esac
@@ -236,7 +242,7 @@ if [[ "$NOFILE" -lt $((2 * IDLE_CONNS + 1000)) ]]; then
 fi
 log "open-file limit: $NOFILE (65536 asked; the hard limit here is $(ulimit -Hn))"
 
-for p in "$UPSTREAM_PORT" "$STATUS_PORT" "$PROXY_PORT"; do
+for p in "$UPSTREAM_PORT" "$STATUS_PORT" "$PROXY_PORT" "$UPSTREAM2_PORT" "$UPSTREAM3_PORT"; do
     port_open "$p" && die "port $HOST:$p is already in use (set UPSTREAM_PORT/STATUS_PORT/PROXY_PORT)"
 done
 
@@ -326,6 +332,9 @@ http {
 $(common_nginx_paths "$T/upstream")
     server {
         listen $HOST:$UPSTREAM_PORT;
+        listen $HOST:$UPSTREAM2_PORT;
+        listen $HOST:$UPSTREAM3_PORT;
+        listen unix:$T/upstream/app.sock;
         location = /xff { return 200 "\$http_x_forwarded_for"; }
         location / { return 200 "ok"; }
         location ~ ^/(plain|csrf|schema)\$ {
@@ -350,8 +359,8 @@ EOF
 # (SPEC "Logs"); nginx's recommended buffered file log.
 NGINX_ACCESS_ON='log_format bench_json escape=json '"'"'{"time":"$time_iso8601","client":"$remote_addr","method":"$request_method","path":"$uri","route":"-","status":$status,"bytes":$body_bytes_sent,"duration_ms":$request_time,"upstream_status":"$upstream_status","tls":"$ssl_protocol"}'"'"';
     access_log '"$T"'/nginx/access.log bench_json buffer=64k flush=1s;'
-write_nginx_conf() { # write_nginx_conf FILE ACCESS_LOG_LINES
-    local file="$1" access="$2"
+write_nginx_conf() { # write_nginx_conf FILE ACCESS_LOG_LINES [UPSTREAM_SERVER_LINES]
+    local file="$1" access="$2" servers="${3:-server $HOST:$UPSTREAM_PORT;}"
     cat >"$file" <<EOF
 user root;
 daemon off;
@@ -367,7 +376,7 @@ http {
     keepalive_timeout 300s;
 $(common_nginx_paths "$T/nginx")
     upstream app {
-        server $HOST:$UPSTREAM_PORT;
+        $servers
         keepalive 512;                 # idle pool per worker; >= h2's 320 concurrent streams
         keepalive_requests 100000000;
         keepalive_timeout 300s;
@@ -392,10 +401,15 @@ EOF
 }
 write_nginx_conf "$T/nginx/nginx-nolog.conf" "access_log off;"
 write_nginx_conf "$T/nginx/nginx-log.conf" "$NGINX_ACCESS_ON"
+# multi: three servers, round robin (nginx's default), the same keep-alive pool
+MULTI_NGINX="server $HOST:$UPSTREAM_PORT; server $HOST:$UPSTREAM2_PORT; server $HOST:$UPSTREAM3_PORT;"
+write_nginx_conf "$T/nginx/nginx-multi-nolog.conf" "access_log off;" "$MULTI_NGINX"
+write_nginx_conf "$T/nginx/nginx-multi-log.conf" "$NGINX_ACCESS_ON" "$MULTI_NGINX"
 
 # LOGS=on: HAProxy's standard HTTP log line (option httplog) to standard
 # output, which is a file here; LOGS=off: no "log" line, no logging at all.
-write_haproxy_cfg() { # write_haproxy_cfg FILE GLOBAL_LOG DEFAULTS_LOG
+write_haproxy_cfg() { # write_haproxy_cfg FILE GLOBAL_LOG DEFAULTS_LOG [BACKEND_LINES]
+    local backend="${4:-    server s1 $HOST:$UPSTREAM_PORT}"
     cat >"$1" <<EOF
 global
     nbthread $WORKERS
@@ -423,12 +437,19 @@ frontend fe
 
 backend app
     http-reuse always
-    server s1 $HOST:$UPSTREAM_PORT
+$backend
 EOF
 }
 write_haproxy_cfg "$T/haproxy/haproxy-nolog.cfg" "" ""
 write_haproxy_cfg "$T/haproxy/haproxy-log.cfg" "    log stdout format raw local0 info" "    log global
     option httplog"
+MULTI_HAPROXY="    balance roundrobin
+    server s1 $HOST:$UPSTREAM_PORT
+    server s2 $HOST:$UPSTREAM2_PORT
+    server s3 $HOST:$UPSTREAM3_PORT"
+write_haproxy_cfg "$T/haproxy/haproxy-multi-nolog.cfg" "" "" "$MULTI_HAPROXY"
+write_haproxy_cfg "$T/haproxy/haproxy-multi-log.cfg" "    log stdout format raw local0 info" "    log global
+    option httplog" "$MULTI_HAPROXY"
 
 # LOGS=on: h2o's access-log to a file, in JSON with portcullis's fields
 H2O_ACCESS_ON="access-log:
@@ -571,22 +592,30 @@ on_error = "local"
 EOF
 fi
 
+# multi: the same three servers, round robin; unix: the upstream over its
+# Unix socket. Copies of proxy.toml with another [upstream].
+if has portcullis "$SERVERS" && { has multi "$SCENARIOS" || has unix "$SCENARIOS"; }; then
+    sed "s|^url = \"http://$HOST:$UPSTREAM_PORT\"|servers = [\"http://$HOST:$UPSTREAM_PORT\", \"http://$HOST:$UPSTREAM2_PORT\", \"http://$HOST:$UPSTREAM3_PORT\"]\nbalance = \"round_robin\"|" \
+        "$T/portcullis/proxy.toml" >"$T/portcullis/proxy-multi.toml"
+    sed "s|^url = \"http://$HOST:$UPSTREAM_PORT\"|url = \"unix:$T/upstream/app.sock\"|" \
+        "$T/portcullis/proxy.toml" >"$T/portcullis/proxy-unix.toml"
+fi
+
 # LOGS=off: the same portcullis configurations at level "warn"
 for f in "$T"/portcullis/proxy*.toml; do
     sed 's/^level = "info".*/level = "warn"                  # access lines are info: none are written/' "$f" >"${f%.toml}-nolog.toml"
 done
 
 # the configuration file of SERVER in MODE (on / off)
-server_config() { # server_config SERVER MODE [PORTCULLIS_CONFIG_BASENAME]
-    local d="$T/$1" suffix=log
+server_config() { # server_config SERVER MODE [VARIANT: redis, multi, unix]
+    local d="$T/$1" suffix=log variant="${3:+-$3}"
     [[ "$2" == off ]] && suffix=nolog
     case "$1" in
-        nginx) echo "$d/nginx-$suffix.conf" ;;
-        haproxy) echo "$d/haproxy-$suffix.cfg" ;;
+        nginx) echo "$d/nginx$variant-$suffix.conf" ;;
+        haproxy) echo "$d/haproxy$variant-$suffix.cfg" ;;
         h2o) echo "$d/h2o-$suffix.conf" ;;
         portcullis)
-            local base="${3:-proxy}"
-            if [[ "$2" == off ]]; then echo "$d/$base-nolog.toml"; else echo "$d/$base.toml"; fi
+            if [[ "$2" == off ]]; then echo "$d/proxy$variant-nolog.toml"; else echo "$d/proxy$variant.toml"; fi
             ;;
     esac
 }
@@ -611,7 +640,7 @@ for mode in "${LOG_MODES[@]}"; do
         "$PORTCULLIS" check --config "$(server_config portcullis "$mode")" >"$T/logs/check-portcullis.txt" 2>&1 ||
             { cat "$T/logs/check-portcullis.txt" >&2; die "portcullis config (logs $mode)"; }
         if has limits "$SCENARIOS"; then
-            "$PORTCULLIS" check --config "$(server_config portcullis "$mode" proxy-redis)" >"$T/logs/check-portcullis-redis.txt" 2>&1 ||
+            "$PORTCULLIS" check --config "$(server_config portcullis "$mode" redis)" >"$T/logs/check-portcullis-redis.txt" 2>&1 ||
                 { cat "$T/logs/check-portcullis-redis.txt" >&2; die "portcullis config with [redis] (logs $mode)"; }
         fi
     fi
@@ -633,9 +662,9 @@ start_upstream() {
 }
 
 SERVER_PID=""
-start_server() { # start_server NAME MODE [PORTCULLIS_CONFIG_BASENAME]
+start_server() { # start_server NAME MODE [VARIANT]
     local name="$1" mode="$2" d="$T/$1" config
-    config="$(server_config "$name" "$mode" "${3:-proxy}")"
+    config="$(server_config "$name" "$mode" "${3:-}")"
     port_open "$PROXY_PORT" && die "port $PROXY_PORT still in use before starting $name"
     case "$name" in
         nginx) start_bg nginx "$d/run" nginx -p "$d" -c "$config" -e "$d/error.log" ;;
@@ -810,6 +839,11 @@ run_server_round() { # run_server_round ROUND SERVER MODE
     # the portcullis-only route comparisons: once per round, in the first mode
     local extras=0
     [[ "$name" == portcullis && "$mode" == "$EXTRA_MODE" ]] && extras=1
+    # three upstream servers: nginx, HAProxy and portcullis, in the first mode
+    local multi=0
+    if has multi "$SCENARIOS" && [[ "$mode" == "$EXTRA_MODE" ]]; then
+        case "$name" in nginx | haproxy | portcullis) multi=1 ;; esac
+    fi
     if [[ "$name" == direct ]]; then
         if has ka "$SCENARIOS"; then
             measure "$round" direct ka wrk "$UPSTREAM_PID" \
@@ -830,6 +864,7 @@ run_server_round() { # run_server_round ROUND SERVER MODE
     [[ $extras == 1 ]] && has jwt "$SCENARIOS" && need=1
     [[ $extras == 1 ]] && has checks "$SCENARIOS" && need=1
     [[ $extras == 1 ]] && has limits "$SCENARIOS" && need=1
+    [[ $multi == 1 || $extras == 1 ]] && need=1
     [[ $need == 1 ]] || return 0
     start_server "$name" "$mode"
     [[ "$round" == 1 ]] && smoke_check "$name" "$row"
@@ -902,7 +937,7 @@ run_server_round() { # run_server_round ROUND SERVER MODE
         # never answering): 3 requests wait out the timeout, then the circuit
         # opens and the in-process limiter decides
         stop_server "$name" "$mode" "$round"
-        start_server "$name" "$mode" proxy-redis
+        start_server "$name" "$mode" redis
         measure "$round" portcullis limits_redis wrk "$SERVER_PID" \
             wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/limited"
         kill -STOP "$REDIS_PID"
@@ -912,6 +947,21 @@ run_server_round() { # run_server_round ROUND SERVER MODE
         # diagnostics go to standard error (stdout carries access and security records only)
         grep -q 'redis is failing' "$T/portcullis/run.stderr" ||
             echo "limits_frozen round $round: portcullis never logged 'redis is failing'" >>"$T/notes.txt"
+    fi
+    if [[ $extras == 1 ]] && has unix "$SCENARIOS"; then
+        # the same requests as ka, to the same upstream over its Unix socket
+        stop_server "$name" "$mode" "$round"
+        start_server "$name" "$mode" unix
+        measure "$round" "$row" unix_ka wrk "$SERVER_PID" \
+            wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/"
+    fi
+    if [[ $multi == 1 ]]; then
+        stop_server "$name" "$mode" "$round"
+        start_server "$name" "$mode" multi
+        measure "$round" "$row" multi_ka wrk "$SERVER_PID" \
+            wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"$DURATION" --latency -s "$HERE/wrk_report.lua" "$url/"
+        measure "$round" "$row" multi_h2 h2load "$SERVER_PID" \
+            h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -t"$H2_THREADS" -D "$DURATION" "$url/"
     fi
     stop_server "$name" "$mode" "$round"
 }
