@@ -263,14 +263,15 @@ impl Group {
         request: UpstreamRequest,
     ) -> Result<Response<UpstreamResponseBody>, Rejection> {
         let pools = &self.workers[worker % self.workers.len()];
-        let mut out = Outgoing::new(request, self.default_host.clone());
+        let mut out = Outgoing::new(request, &self.default_host);
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         let mut tried: u64 = 0;
         let mut last_failure = UpstreamErrorKind::Connect;
         for attempt in 0..=self.config.retries {
             let Some(index) = self.choose(pools, client, tried) else {
                 if attempt == 0 {
-                    tracing::warn!(
+                    // Each health change is logged once already.
+                    tracing::debug!(
                         upstream = %self.config.name,
                         "no upstream server takes requests (all unhealthy or ejected)"
                     );

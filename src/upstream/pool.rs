@@ -71,8 +71,10 @@ pub(super) struct Outgoing {
     parts: Parts,
     body: UpstreamBody,
     fields: ProxyFields,
-    /// The group's `Host` for a request that carried none (HTTP/1.0).
-    default_host: HeaderValue,
+    /// The group's `Host`, for a request that carried none (HTTP/1.0) only:
+    /// cloning it for every request would bump a reference count that
+    /// every worker shares.
+    fallback_host: Option<HeaderValue>,
     framing: RequestFraming,
     head: Option<Vec<u8>>,
     /// Once the head is encoded the request's header map is free: the
@@ -93,7 +95,7 @@ impl Outgoing {
             fields,
             upgrade,
         }: UpstreamRequest,
-        default_host: HeaderValue,
+        default_host: &HeaderValue,
     ) -> Self {
         let (parts, body) = request.into_parts();
         let framing = if body.is_end_stream() {
@@ -105,11 +107,13 @@ impl Outgoing {
             }
         };
         let replayable = framing == RequestFraming::Empty && is_replayable(&parts.method);
+        let fallback_host =
+            matches!(fields.host, HostField::Missing).then(|| default_host.clone());
         Outgoing {
             parts,
             body,
             fields,
-            default_host,
+            fallback_host,
             framing,
             head: None,
             spare_headers: HeaderMap::new(),
@@ -207,7 +211,7 @@ impl Pool {
                 parts,
                 body,
                 fields,
-                default_host,
+                fallback_host,
                 framing,
                 head,
                 spare_headers,
@@ -221,7 +225,7 @@ impl Pool {
                 let host = match &fields.host {
                     HostField::InMap => None,
                     HostField::Write(host) => Some(host),
-                    HostField::Missing => Some(&*default_host),
+                    HostField::Missing => fallback_host.as_ref(),
                 };
                 codec::encode_request_head(
                     &mut buffer,
