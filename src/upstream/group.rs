@@ -176,18 +176,19 @@ impl Upstreams {
 
     /// Sends `request` to a server of group `group` (a route's
     /// [`crate::config::Route::upstream`]) over worker `worker`'s pools.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: the group's future is handed back as it is, so
+    /// the request's future does not carry (and copy) one more level of it.
+    pub fn send(
         &self,
         group: usize,
         worker: usize,
         client: IpAddr,
         request: UpstreamRequest,
-    ) -> Result<Response<UpstreamResponseBody>, Rejection> {
-        let group = self.groups.get(group).or(self.groups.first());
-        match group {
-            Some(group) => group.send(worker, client, request).await,
-            None => Err(Rejection::Upstream(UpstreamErrorKind::Connect)),
-        }
+    ) -> impl Future<Output = Result<Response<UpstreamResponseBody>, Rejection>> + '_ {
+        // `[upstream]` is always group 0.
+        let group = self.groups.get(group).unwrap_or(&self.groups[0]);
+        group.send(worker, client, request)
     }
 
     /// Groups with no server taking requests now (for `/readyz`).
