@@ -95,9 +95,7 @@ impl Upstreams {
                         })
                         .collect(),
                     turn: AtomicUsize::new(worker),
-                    random: AtomicU64::new(
-                        balance::mix(0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1)) | 1,
-                    ),
+                    random: AtomicU64::new(random_seed(worker)),
                 })
                 .collect();
             let counters = servers
@@ -376,6 +374,16 @@ impl Group {
             },
         ))
     }
+}
+
+/// A different xorshift state per process, worker and reload: instances
+/// behind one load balancer (and successive generations) must not make the
+/// same "random" choices in step. Never 0, xorshift's one fixed point.
+fn random_seed(worker: usize) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    balance::mix(nanos ^ (u64::from(std::process::id()) << 32) ^ (worker as u64 + 1)) | 1
 }
 
 /// xorshift64*: plenty for picking servers, and no shared state.
