@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod background;
 pub mod body;
 pub mod cli;
 pub mod cmd;

@@ -17,10 +17,11 @@ use crate::reject::{Rejection, UpstreamErrorKind};
 use crate::telemetry::{Metrics, UpstreamRequestLabels, UpstreamServerLabels};
 
 use super::balance::{self, Choice};
-use super::health::{CheckedGroup, GroupHealth, HealthChecker, LazyNow, ServerHealth};
+use super::health::{self, CheckedGroup, GroupHealth, LazyNow, ServerHealth};
 use super::pool::{Outgoing, Pool};
 use super::response_body::InFlight;
 use super::{SendError, UpstreamRequest, UpstreamResponseBody};
+use crate::background::Background;
 
 /// Servers in one group, at most: a request's tried servers fit a `u64`.
 pub const MAX_SERVERS: usize = 64;
@@ -29,7 +30,7 @@ pub const MAX_SERVERS: usize = 64;
 pub struct Upstreams {
     groups: Vec<Group>,
     /// Stops the active checks when this generation goes.
-    _checker: Option<HealthChecker>,
+    _checker: Option<Background>,
 }
 
 struct Group {
@@ -162,7 +163,7 @@ impl Upstreams {
         let checker = if checked.is_empty() || !active_checks {
             None
         } else {
-            Some(HealthChecker::start(checked)?)
+            Some(health::start_checks(checked)?)
         };
         let upstreams = Upstreams {
             groups,

@@ -7,7 +7,7 @@
 //! reaches `eject.consecutive_failures`, so that two workers ejecting at once
 //! cannot together eject more than half of the group.
 //!
-//! The active checker ([`HealthChecker`]) runs on a thread of its own, one
+//! The active checks ([`start_checks`]) run on a thread of their own, one
 //! task per server: `GET path` every `interval`, a verdict after `healthy`
 //! successes or `unhealthy` failures in a row. A reload hands the same
 //! [`ServerHealth`] to the new generation for every server that stays.
@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_util::sync::CancellationToken;
+
+use crate::background::Background;
 
 use crate::config::{Eject, HealthCheck, ServerAddress};
 
@@ -179,11 +180,6 @@ fn ejection_length(base: Duration, previous: u32) -> Duration {
         .min(cap)
 }
 
-/// The active health checks of one runtime generation; dropping it stops them.
-pub struct HealthChecker {
-    stop: CancellationToken,
-}
-
 /// What the checker needs of one group.
 pub struct CheckedGroup {
     pub health: Arc<GroupHealth>,
@@ -192,48 +188,25 @@ pub struct CheckedGroup {
     pub default_host: String,
 }
 
-impl HealthChecker {
-    /// Starts a thread that checks every server of `groups`.
-    pub fn start(groups: Vec<CheckedGroup>) -> std::io::Result<HealthChecker> {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        std::thread::Builder::new()
-            .name("portcullis-health".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        tracing::error!(%error, "cannot start the upstream health checks");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for group in &groups {
-                        for server in &group.health.servers {
-                            tasks.spawn(check_loop(
-                                group.health.name.clone(),
-                                server.clone(),
-                                group.check.clone(),
-                                group.default_host.clone(),
-                            ));
-                        }
-                    }
-                    stopped.cancelled().await;
-                    tasks.abort_all();
-                });
-            })?;
-        Ok(HealthChecker { stop })
-    }
-}
-
-impl Drop for HealthChecker {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+/// Starts the active health checks of one runtime generation, one task
+/// per server; dropping the handle stops them.
+pub fn start_checks(groups: Vec<CheckedGroup>) -> std::io::Result<Background> {
+    Background::start("portcullis-health", move || async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for group in &groups {
+            for server in &group.health.servers {
+                tasks.spawn(check_loop(
+                    group.health.name.clone(),
+                    server.clone(),
+                    group.check.clone(),
+                    group.default_host.clone(),
+                ));
+            }
+        }
+        // The tasks run until the handle is dropped (then this future and
+        // the JoinSet with it, which aborts them).
+        while tasks.join_next().await.is_some() {}
+    })
 }
 
 async fn check_loop(group: Arc<str>, server: Arc<ServerHealth>, check: HealthCheck, host: String) {

@@ -107,8 +107,7 @@ impl Outgoing {
             }
         };
         let replayable = framing == RequestFraming::Empty && is_replayable(&parts.method);
-        let fallback_host =
-            matches!(fields.host, HostField::Missing).then(|| default_host.clone());
+        let fallback_host = matches!(fields.host, HostField::Missing).then(|| default_host.clone());
         Outgoing {
             parts,
             body,

@@ -15,7 +15,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Guard};
-use tokio_util::sync::CancellationToken;
 
 use super::jwks_url::HttpJwks;
 use super::keys::KeySet;
@@ -237,7 +236,9 @@ impl RemoteKeys {
 /// can be started from anywhere — the first configuration is built before
 /// any tokio runtime exists — and never competes with requests on a worker.
 pub struct KeyFetcher {
-    stop: CancellationToken,
+    /// Stops the task when dropped: a reload replaces the fetcher with its
+    /// runtime generation.
+    _task: crate::background::Background,
 }
 
 impl KeyFetcher {
@@ -248,47 +249,10 @@ impl KeyFetcher {
         let start = remote.fetch.clone().try_lock_owned().ok();
         let weak = Arc::downgrade(remote);
         let refresh = remote.refresh;
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        // Built on the new thread: a runtime dropped on the caller's, were
-        // the spawn to fail after building it, would panic inside a reload.
-        let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("portcullis-jwks".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        let _ = built_tx.send(Err(error));
-                        return;
-                    }
-                };
-                let _ = built_tx.send(Ok(()));
-                runtime.block_on(async move {
-                    tokio::select! {
-                        () = stopped.cancelled() => {}
-                        () = RemoteKeys::run(weak, start, refresh) => {}
-                    }
-                });
-            })?;
-        match built_rx.recv() {
-            Ok(Ok(())) => Ok(KeyFetcher { stop }),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(std::io::Error::other(
-                "the jwks_url fetcher thread ended before it started",
-            )),
-        }
-    }
-}
-
-impl Drop for KeyFetcher {
-    fn drop(&mut self) {
-        // A reload replaces the fetcher with its runtime generation: the old
-        // task must not keep fetching for a verifier no request can reach.
-        self.stop.cancel();
+        let task = crate::background::Background::start("portcullis-jwks", move || {
+            RemoteKeys::run(weak, start, refresh)
+        })?;
+        Ok(KeyFetcher { _task: task })
     }
 }
 
