@@ -249,6 +249,8 @@ struct FramingFacts {
     /// Whether the last transfer coding seen is `chunked`.
     chunked_last: bool,
     content_length: Option<u64>,
+    /// How the length was written: with its value, the text exactly.
+    content_length_digits: usize,
     close: bool,
     keep_alive: bool,
     /// Headers the `Connection` field names as hop-by-hop (rare).
@@ -260,13 +262,20 @@ impl FramingFacts {
     fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, HeadError> {
         let items = || value.as_bytes().split(|&b| b == b',').map(trim_ascii);
         if name == CONTENT_LENGTH {
-            // "5, 5" (or two fields of 5) is one length said twice (RFC 9110 8.6).
+            // "5, 5" (or two fields of 5) is one length said twice (RFC 9110
+            // 8.6). Said twice differently ("12" and "012") it is refused:
+            // the fields are passed on, and a parser after ours that compares
+            // them as text must not see two lengths.
             for item in items() {
                 let parsed = parse_decimal(item).ok_or(HeadError::BadContentLength)?;
-                if self.content_length.is_some_and(|l| l != parsed) {
+                if self
+                    .content_length
+                    .is_some_and(|l| l != parsed || self.content_length_digits != item.len())
+                {
                     return Err(HeadError::BadContentLength);
                 }
                 self.content_length = Some(parsed);
+                self.content_length_digits = item.len();
             }
             return Ok(false);
         }
@@ -707,6 +716,9 @@ mod tests {
         for raw in [
             &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            // the same value written two ways (found by fuzzing)
+            b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\ncontent-length: 012\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 05\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
