@@ -2005,3 +2005,73 @@ async fn upstream_metrics_count_per_group_and_server() {
     )
     .await;
 }
+
+/// A reload keeps what the health checks learnt about the servers that
+/// stay: a server found unhealthy stays out of rotation in the new
+/// generation before any of that generation's checks could judge it.
+#[tokio::test]
+async fn a_reload_keeps_the_health_of_servers_that_stay() {
+    let mut farm = Farm::start(3).await;
+    let checks = |interval: &str| {
+        format!(
+            "health_check = {{ path = \"/healthz\", interval = \"{interval}\", timeout = \"200ms\", healthy = 2, unhealthy = 2 }}\neject = {{ consecutive_failures = 1000, duration = \"1s\" }}"
+        )
+    };
+    let before = format!("{}\n{}", farm.servers(&[0, 1]), checks("100ms"));
+    let proxy = start_proxy(&before, "", &[]).await;
+    farm.stop(1).await;
+    let down = farm.url(1);
+    wait_healthy(
+        &proxy,
+        "default",
+        std::slice::from_ref(&down),
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // The new generation checks once at its start, then hourly: one failed
+    // check cannot make a server unhealthy (unhealthy = 2), and a server
+    // starts healthy, so only the kept state keeps server 1 out.
+    let after = config_text(
+        &format!("{}\n{}", farm.servers(&[0, 1, 2]), checks("1h")),
+        "",
+    );
+    reload(&proxy, &after).await;
+    let down_errors = [
+        ("upstream", "default"),
+        ("server", down.as_str()),
+        ("status_class", "error"),
+    ];
+    let m = metrics(&proxy).await;
+    let healthy = |url: &str| {
+        metric_sum(
+            &m,
+            "portcullis_upstream_healthy",
+            &[("upstream", "default"), ("server", url)],
+        )
+    };
+    assert_eq!(healthy(&down), Some(0.0), "{}", upstream_lines(&m));
+    assert_eq!(healthy(&farm.url(2)), Some(1.0), "{}", upstream_lines(&m));
+    let errors_before =
+        metric_sum(&m, "portcullis_upstream_requests_total", &down_errors).unwrap_or(0.0);
+
+    let mut conn = Conn::new(proxy.client());
+    for i in 0..30 {
+        get_200(&mut conn, &format!("/kept/{i}"), &proxy).await;
+    }
+    let m = metrics(&proxy).await;
+    let errors_after =
+        metric_sum(&m, "portcullis_upstream_requests_total", &down_errors).unwrap_or(0.0);
+    assert_eq!(
+        errors_after,
+        errors_before,
+        "the proxy tried the server it knew to be down: {}",
+        upstream_lines(&m)
+    );
+    assert!(
+        farm.count(2, "/kept/") > 0,
+        "the added server took no request: {:?}",
+        farm.counts("/kept/")
+    );
+}
