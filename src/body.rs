@@ -2,6 +2,14 @@
 //! or a body the proxy wrote itself — wrapped so that the access log is
 //! written when the body ends (with the bytes actually sent), and so that the
 //! connection knows when a request is over (its idle timer starts then).
+//!
+//! A body dropped before its end, when the response has one to send, is a
+//! request the client cancelled after the proxy answered its head (an HTTP/2
+//! stream reset, mostly): it counts towards the connection's rapid-reset
+//! limit like a request cancelled before its answer
+//! ([`crate::connection::Activity::note_cancelled`]). Without that, a client
+//! that resets each stream just after the upstream's head arrives would cost
+//! one upstream connection per stream and never be cut off.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -28,6 +36,9 @@ struct AccessLogOnDrop {
     /// A frame was handed to hyper and the connection counts this body as
     /// waiting for the next pull (HTTP/2; see `Activity::body_handed_over`).
     awaiting_pull: bool,
+    /// The response carries a body hyper will send: not the answer to a
+    /// HEAD, not a 1xx, 204 or 304.
+    has_content: bool,
 }
 
 impl AccessLogOnDrop {
@@ -92,6 +103,7 @@ impl ResponseBody {
         in_flight: Option<InFlight>,
     ) -> Self {
         self.log = Some(Box::new(AccessLogOnDrop {
+            has_content: has_content(&record.method, record.status),
             record,
             started,
             bytes: 0,
@@ -99,6 +111,31 @@ impl ResponseBody {
             awaiting_pull: false,
         }));
         self
+    }
+
+    fn is_complete(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Full(bytes) => bytes.is_none(),
+        }
+    }
+}
+
+/// Whether hyper sends a body with this response (RFC 9110 §6.4.1).
+fn has_content(method: &http::Method, status: u16) -> bool {
+    method != http::Method::HEAD && !matches!(status, 100..=199 | 204 | 304)
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Still logging: the body neither ended nor failed.
+        if let Some(log) = &self.log
+            && log.has_content
+            && !self.is_complete()
+            && let Some(in_flight) = &log.in_flight
+        {
+            in_flight.activity().note_cancelled();
+        }
     }
 }
 
@@ -125,18 +162,17 @@ impl Body for ResponseBody {
             log.bytes += data.len() as u64;
             log.handed_over();
         }
-        if let Poll::Ready(None) = polled {
-            // Log as soon as the body is complete, not when hyper gets round to dropping it.
+        // Log as soon as the body is complete (hyper stops polling once
+        // `is_end_stream` says so) or has failed (the upstream's fault, not
+        // the client's), not when hyper gets round to dropping it.
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_complete() {
             this.log = None;
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Upstream(body) => body.is_end_stream(),
-            Inner::Full(bytes) => bytes.is_none(),
-        }
+        self.is_complete()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -146,5 +182,76 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::{Activity, MAX_CANCELLED_REQUESTS};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    fn answered(activity: &Arc<Activity>, method: http::Method, status: u16) -> ResponseBody {
+        let record = AccessRecord {
+            client: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            method,
+            path: "/".to_owned(),
+            route: Arc::from("r"),
+            status,
+            upstream_status: Some(status),
+            tls: "TLSv1.3",
+            sub: None,
+        };
+        ResponseBody::full(Bytes::from_static(b"content")).with_access_log(
+            record,
+            Instant::now(),
+            Some(activity.begin_request()),
+        )
+    }
+
+    /// More than the limit of answers, each dropped as `finish` leaves it.
+    fn cut_off_after(method: http::Method, status: u16, finish: fn(&mut ResponseBody)) -> bool {
+        let activity = Activity::new(false);
+        for _ in 0..=MAX_CANCELLED_REQUESTS {
+            let mut body = answered(&activity, method.clone(), status);
+            finish(&mut body);
+        }
+        activity.was_cut_off()
+    }
+
+    fn read_to_end(body: &mut ResponseBody) {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while let Poll::Ready(Some(_)) = Pin::new(&mut *body).poll_frame(&mut cx) {}
+    }
+
+    #[test]
+    fn answers_dropped_before_their_body_was_sent_count_as_cancelled() {
+        assert!(cut_off_after(http::Method::GET, 200, |_| {}));
+    }
+
+    #[test]
+    fn answers_sent_in_full_are_not_cancelled() {
+        assert!(!cut_off_after(http::Method::GET, 200, read_to_end));
+    }
+
+    #[test]
+    fn answers_without_content_are_not_cancelled_when_hyper_never_reads_them() {
+        assert!(!cut_off_after(http::Method::HEAD, 200, |_| {}));
+        assert!(!cut_off_after(http::Method::GET, 204, |_| {}));
+        assert!(!cut_off_after(http::Method::GET, 304, |_| {}));
+        assert!(!cut_off_after(http::Method::GET, 101, |_| {}));
+    }
+
+    #[test]
+    fn the_last_frame_ends_the_body_without_another_poll() {
+        let activity = Activity::new(false);
+        let mut body = answered(&activity, http::Method::GET, 200);
+        let waker = std::task::Waker::noop();
+        let frame = Pin::new(&mut body).poll_frame(&mut Context::from_waker(waker));
+        assert!(matches!(frame, Poll::Ready(Some(Ok(_)))));
+        assert!(body.is_end_stream());
+        assert!(body.log.is_none(), "logged at the last frame");
     }
 }

@@ -577,21 +577,44 @@ async fn rapid_reset_is_cut_off_and_others_are_served() {
 /// Rapid reset paced so that the proxy has taken every stream before it is
 /// reset: 100 HEADERS and a PING, the PING's ACK (the proxy has read the
 /// HEADERS, and hyper accepts streams as it reads them), then the 100
-/// RST_STREAM; 200 rounds, 20,000 streams. h2's rapid-reset limit
+/// RST_STREAM; up to 200 rounds, 20,000 streams. h2's rapid-reset limit
 /// (`max_pending_accept_reset_streams`, 20) only counts streams reset
 /// before they were accepted, so it never triggers, and every stream starts
 /// an upstream exchange that the reset then tears down. Expected: the
 /// connection is ended long before 20,000 such streams, and the upstream
 /// sees at most 1,000 requests or connections from them.
 ///
-/// Seen instead (debug build, 2 cores): all 200 rounds in 10 to 15 s, no
-/// GOAWAY, the connection still open; the upstream got 2,345 to 5,236
-/// complete requests over 18,996 to 19,942 new TCP connections (each reset
-/// drops its upstream connection mid-exchange, so the pool never reuses
-/// one), leaving about 10,000 proxy-to-upstream sockets in TIME_WAIT from
-/// this one client connection. Memory stayed bounded (+3 to +6 MiB).
+/// A reset can land before the upstream's head came back or after it, while
+/// the body streams; both must count, and which one happens used to depend
+/// on the machine's speed: on a fast one most streams already had their
+/// answer's head when their reset arrived, and a proxy counting only
+/// requests dropped before their answer let all 200 rounds through (the
+/// upstream got 13,484 requests over 14,295 new connections, each reset
+/// dropping its upstream connection mid-body). Each case has its own test,
+/// with an upstream that makes it certain.
 #[tokio::test]
 async fn rapid_reset_of_accepted_streams_is_cut_off() {
+    // The upstream answers after 10 s: every reset lands before the head.
+    paced_reset("/delay/10000", Pace::AfterPingAck).await;
+}
+
+#[tokio::test]
+async fn rapid_reset_of_streams_whose_answer_has_begun_is_cut_off() {
+    // 1 MB each, past the client's 64 KiB windows, which it never opens:
+    // every reset lands after the head, with the body still streaming.
+    paced_reset("/download/1000000", Pace::AfterResponseHeads).await;
+}
+
+/// When a round's streams are reset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pace {
+    /// Once the proxy has read their HEADERS.
+    AfterPingAck,
+    /// Once their response HEADERS have come back.
+    AfterResponseHeads,
+}
+
+async fn paced_reset(path: &str, pace: Pace) {
     const ROUNDS: u32 = 200;
     const PER_ROUND: u32 = 100;
     let upstream = Upstream::start().await;
@@ -601,7 +624,7 @@ async fn rapid_reset_of_accepted_streams_is_cut_off() {
     let connections_before = upstream.connections();
 
     let mut h2 = RawH2::open(&proxy, &[]).await;
-    let block = request_block("/paced-reset");
+    let block = request_block(path);
     let started = Instant::now();
     let mut streams = 0u32;
     let mut rounds = 0u32;
@@ -624,9 +647,14 @@ async fn rapid_reset_of_accepted_streams_is_cut_off() {
             break;
         }
         let acked = u64::from(rounds) + 1;
+        let answered = u64::from(streams);
         let (ok, _) = h2
             .wait(Duration::from_secs(5), |s| {
-                s.ping_acks >= acked || s.ended()
+                s.ended()
+                    || match pace {
+                        Pace::AfterPingAck => s.ping_acks >= acked,
+                        Pace::AfterResponseHeads => s.responses >= answered,
+                    }
             })
             .await;
         if !ok {
@@ -645,15 +673,22 @@ async fn rapid_reset_of_accepted_streams_is_cut_off() {
     assert_served(&proxy, "after the paced rapid reset").await;
     let (_, seen) = h2.wait(Duration::from_secs(5), |s| s.ended()).await;
     let peak_kib = peak.stop();
-    let requests = upstream_count(&upstream, "/paced-reset");
+    let requests = upstream_count(&upstream, path);
     let connections = upstream.connections() - connections_before;
     eprintln!(
-        "paced rapid reset: {rounds} rounds, {streams} streams in {elapsed:?}; {}; {} responses; \
-         the upstream got {requests} requests over {connections} new connections; RSS \
-         {rss_before} KiB before, peak {peak_kib} KiB",
+        "paced rapid reset ({pace:?}, {path}): {rounds} rounds, {streams} streams in \
+         {elapsed:?}; {}; {} responses; the upstream got {requests} requests over {connections} \
+         new connections; RSS {rss_before} KiB before, peak {peak_kib} KiB",
         describe_end(&seen, started),
         seen.responses
     );
+    if pace == Pace::AfterResponseHeads {
+        assert!(
+            rounds >= 1,
+            "not one round of 100 streams got its response heads: {}",
+            describe_end(&seen, started)
+        );
+    }
     assert!(
         peak_kib.saturating_sub(rss_before) < RSS_BOUND_KIB,
         "resident memory grew from {rss_before} KiB to {peak_kib} KiB"
