@@ -86,11 +86,9 @@ async fn answer(request: &Request<Incoming>, shared: &Shared) -> Response<Full<B
         "/metrics" => text(
             StatusCode::OK,
             {
-                shared
-                    .runtime
-                    .load()
-                    .upstreams
-                    .refresh_gauges(&shared.metrics);
+                let runtime = shared.runtime.load();
+                runtime.upstreams.refresh_gauges(&shared.metrics);
+                runtime.refresh_cert_gauges(&shared.metrics);
                 shared.metrics.encode()
             },
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

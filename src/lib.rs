@@ -3,9 +3,11 @@
 //! a request goes through, in order.
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod background;
 pub mod body;
+pub mod cert_info;
 pub mod cli;
 pub mod cmd;
 pub mod config;

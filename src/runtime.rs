@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -17,6 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acme::AcmeManager;
+use crate::cert_info::CertInfo;
 use crate::config::Config;
 use crate::filters::ResponseFilters;
 use crate::policy::jwt::{JwtVerifier, KeyFetcher, RemoteKeys, VerifierConfig};
@@ -24,7 +27,7 @@ use crate::policy::method;
 use crate::policy::rate_limit::{RouteLimiter, SharedQuota};
 use crate::redis_limits::RedisLimits;
 use crate::routes::{RouteRuntime, RouteTable};
-use crate::telemetry::{Metrics, RouteMetrics};
+use crate::telemetry::{Metrics, NameLabels, RouteMetrics};
 use crate::upstream::Upstreams;
 
 pub struct Runtime {
@@ -41,6 +44,12 @@ pub struct Runtime {
     /// The shared rate limiter; `None` without `[redis]` or without any
     /// rate-limited route (then nothing ever contacts Redis).
     pub redis: Option<Arc<RedisLimits>>,
+    /// `[acme]`'s certificates and the task that keeps them; kept across
+    /// reloads that leave `[acme]` unchanged. `None` for `explain`.
+    pub acme: Option<Arc<AcmeManager>>,
+    /// `tls.cert` and the `[[tls.sni]]` certificates, by metric name, with
+    /// their expiry (for `portcullis_cert_expiry_seconds`).
+    pub static_certs: Vec<(String, SystemTime)>,
 }
 
 /// The live side of `[jwt]`.
@@ -100,7 +109,23 @@ impl Runtime {
         metrics: &Metrics,
         purpose: Purpose,
     ) -> anyhow::Result<Self> {
-        let tls = TlsAcceptor::from(crate::tls::server_config(&config.tls)?);
+        let acme = match (&config.acme, previous) {
+            _ if matches!(purpose, Purpose::Explain { .. }) => None,
+            (Some(settings), Some(p))
+                if p.acme.as_ref().is_some_and(|a| a.settings() == settings) =>
+            {
+                p.acme.clone()
+            }
+            (Some(settings), _) => Some(AcmeManager::start(settings, metrics)?),
+            (None, _) => None,
+        };
+        let tls = TlsAcceptor::from(crate::tls::server_config(
+            &config.tls,
+            acme.as_ref()
+                .zip(config.acme.as_ref())
+                .map(|(manager, settings)| (&manager.certs, settings.challenge)),
+        )?);
+        let static_certs = static_cert_expiries(&config.tls);
         let routes = config
             .routes
             .iter()
@@ -172,6 +197,8 @@ impl Runtime {
             (None, _) => None,
         };
         Ok(Runtime {
+            acme,
+            static_certs,
             redis,
             filters: ResponseFilters::from_config(&config),
             tls,
@@ -182,6 +209,59 @@ impl Runtime {
             config,
         })
     }
+}
+
+impl Runtime {
+    /// Brings `portcullis_cert_expiry_seconds` up to date (called before
+    /// each scrape): a certificate no longer served loses its series.
+    pub fn refresh_cert_gauges(&self, metrics: &Metrics) {
+        let now = SystemTime::now();
+        let left = |not_after: SystemTime| match not_after.duration_since(now) {
+            Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+        };
+        metrics.cert_expiry.clear();
+        for (name, not_after) in &self.static_certs {
+            metrics
+                .cert_expiry
+                .get_or_create(&NameLabels { name: name.clone() })
+                .set(left(*not_after));
+        }
+        if let Some(acme) = &self.acme
+            && let Some(info) = &acme.certs.current().info
+            && let Some(first) = acme.certs.domains().first()
+        {
+            metrics
+                .cert_expiry
+                .get_or_create(&NameLabels {
+                    name: first.clone(),
+                })
+                .set(left(info.not_after));
+        }
+    }
+}
+
+/// `tls.cert` as "default", each `[[tls.sni]]` by its name.
+fn static_cert_expiries(tls: &crate::config::Tls) -> Vec<(String, SystemTime)> {
+    let expiry = |cert: &rustls::sign::CertifiedKey| {
+        cert.end_entity_cert()
+            .ok()
+            .and_then(CertInfo::read)
+            .map(|info| info.not_after)
+    };
+    let default = tls
+        .default_cert
+        .as_deref()
+        .and_then(expiry)
+        .map(|at| ("default".to_owned(), at));
+    default
+        .into_iter()
+        .chain(
+            tls.sni
+                .iter()
+                .filter_map(|sni| Some((sni.server_name.clone(), expiry(&sni.cert)?))),
+        )
+        .collect()
 }
 
 /// What a runtime is built for.

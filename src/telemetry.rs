@@ -241,6 +241,16 @@ pub struct UpstreamRequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -352,6 +362,10 @@ pub struct Metrics {
     pub upstream_healthy: Family<UpstreamServerLabels, Gauge>,
     /// Requests in flight per server, every worker's summed at each scrape.
     pub upstream_in_flight: Family<UpstreamServerLabels, Gauge>,
+    /// ACME orders, by result (`success`, `failure`).
+    pub acme_renewals: Family<ResultLabels, Counter>,
+    /// Seconds left of each certificate served, set at each scrape.
+    pub cert_expiry: Family<NameLabels, Gauge>,
     registry: Registry,
 }
 
@@ -372,7 +386,19 @@ impl Metrics {
         let upstream_requests = Family::<UpstreamRequestLabels, Counter>::default();
         let upstream_healthy = Family::<UpstreamServerLabels, Gauge>::default();
         let upstream_in_flight = Family::<UpstreamServerLabels, Gauge>::default();
+        let acme_renewals = Family::<ResultLabels, Counter>::default();
+        let cert_expiry = Family::<NameLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("portcullis");
+        registry.register(
+            "acme_renewals",
+            "ACME certificate orders, by result (success, failure)",
+            acme_renewals.clone(),
+        );
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds left before each served certificate expires, by name",
+            cert_expiry.clone(),
+        );
         registry.register(
             "upstream_requests",
             "Requests sent to each upstream server, by status class (error: no answer)",
@@ -452,7 +478,12 @@ impl Metrics {
         for version in ["1.2", "1.3"] {
             let _ = tls_handshakes.get_or_create(&VersionLabels { version });
         }
+        for result in ["success", "failure"] {
+            let _ = acme_renewals.get_or_create(&ResultLabels { result });
+        }
         Metrics {
+            acme_renewals,
+            cert_expiry,
             upstream_requests,
             upstream_healthy,
             upstream_in_flight,

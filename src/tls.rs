@@ -2,8 +2,10 @@
 //!
 //! Only TLS 1.2 and 1.3 are ever offered; rustls has no CBC, RC4 or static-RSA
 //! suites, so every suite it offers is an AEAD with forward secrecy. Server
-//! names pick a certificate from `[[tls.sni]]`, falling back to the default
-//! one. Session tickets and a session cache are on, so returning clients
+//! names pick a certificate from `[[tls.sni]]`, then ACME's for its domains,
+//! falling back to the default one (`tls.cert`, else ACME's). A handshake
+//! that offers only the `acme-tls/1` protocol is a CA validating a
+//! tls-alpn-01 challenge and gets that challenge's certificate. Session tickets and a session cache are on, so returning clients
 //! resume instead of paying for a full handshake.
 
 use std::collections::HashMap;
@@ -13,22 +15,48 @@ use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 
+use crate::acme::{ACME_TLS_ALPN, AcmeCerts};
 use crate::config::{Tls, TlsVersion};
 
 /// Chooses the certificate by SNI name; the default for unknown or absent names.
-#[derive(Debug)]
 struct SniResolver {
-    default: Arc<CertifiedKey>,
+    default: Option<Arc<CertifiedKey>>,
     by_name: HashMap<String, Arc<CertifiedKey>>,
+    acme: Option<Arc<AcmeCerts>>,
+}
+
+impl std::fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("names", &self.by_name.keys())
+            .field("acme", &self.acme.as_ref().map(|a| a.domains()))
+            .finish()
+    }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let chosen = hello
-            .server_name()
-            .and_then(|name| self.by_name.get(name))
-            .unwrap_or(&self.default);
-        Some(chosen.clone())
+        let name = hello.server_name();
+        if let Some(acme) = &self.acme {
+            let validating = hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+            if validating {
+                // Only the challenge certificate; none (no handshake) when
+                // no order of ours is waiting on this name.
+                return acme.alpn_cert(name?);
+            }
+            if let Some(cert) = name.and_then(|n| self.by_name.get(n)) {
+                return Some(cert.clone());
+            }
+            if name.is_some_and(|n| acme.serves(n)) || self.default.is_none() {
+                return Some(acme.current_key());
+            }
+            return self.default.clone();
+        }
+        name.and_then(|n| self.by_name.get(n))
+            .or(self.default.as_ref())
+            .cloned()
     }
 }
 
@@ -52,9 +80,13 @@ static PREFERRED_CIPHER_SUITES: &[rustls::SupportedCipherSuite] = {
     ]
 };
 
-/// Builds the server configuration. Fails only if the crypto provider refuses
-/// the protocol versions, which a validated [`Tls`] never asks for.
-pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, rustls::Error> {
+/// Builds the server configuration; `acme` when `[acme]` provides
+/// certificates. Fails only if the crypto provider refuses the protocol
+/// versions, which a validated [`Tls`] never asks for.
+pub fn server_config(
+    tls: &Tls,
+    acme: Option<(&Arc<AcmeCerts>, crate::config::AcmeChallenge)>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: PREFERRED_CIPHER_SUITES.to_vec(),
         ..rustls::crypto::aws_lc_rs::default_provider()
@@ -70,12 +102,18 @@ pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, rustls::Error> {
             .iter()
             .map(|sni| (sni.server_name.clone(), sni.cert.clone()))
             .collect(),
+        acme: acme.map(|(certs, _)| certs.clone()),
     };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.clone();
+    if let Some((_, crate::config::AcmeChallenge::TlsAlpn01)) = acme {
+        // Last: a client offering h2 or http/1.1 still gets it, and the
+        // validator, which offers nothing else, gets this.
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     // Our order, not the client's (as Go's crypto/tls, hence Caddy, does).
     config.ignore_client_order = true;
     config.session_storage = ServerSessionMemoryCache::new(16 * 1024);

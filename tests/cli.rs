@@ -644,3 +644,94 @@ async fn a_minted_token_is_accepted_by_the_proxy_on_a_jwt_route() {
     let signature = token.rsplit('.').next().unwrap();
     assert!(!logged.contains(signature), "{logged}");
 }
+
+/// Each `[acme]` key is validated by `check`, which points at the value and
+/// names the key, and creates nothing (not even `cache_dir`).
+#[test]
+fn check_refuses_each_bad_acme_key_and_creates_nothing() {
+    let acme = |body: &str| {
+        format!(
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\n[acme]\n{body}\n"
+        )
+    };
+    let cases = [
+        ("domains = []", "[]", "acme.domains"),
+        (
+            "domains = [\"a.example.com\", \"192.0.2.1\"]",
+            "\"192.0.2.1\"",
+            "acme.domains[1]",
+        ),
+        (
+            "domains = [\"*.example.com\"]",
+            "\"*.example.com\"",
+            "acme.domains[0]",
+        ),
+        (
+            "domains = [\"a.example.com\", \"A.example.com\"]",
+            "\"A.example.com\"",
+            "acme.domains[1]",
+        ),
+        (
+            "domains = [\"a.example.com\"]\nchallenge = \"dns-01\"",
+            "\"dns-01\"",
+            "acme.challenge",
+        ),
+        (
+            "domains = [\"a.example.com\"]\ndirectory = \"acme.example.com/dir\"",
+            "\"acme.example.com/dir\"",
+            "acme.directory",
+        ),
+        (
+            "domains = [\"a.example.com\"]\nrenew_before = \"soon\"",
+            "\"soon\"",
+            "acme.renew_before",
+        ),
+        (
+            "domains = [\"a.example.com\"]\nrenew_before = \"0s\"",
+            "\"0s\"",
+            "acme.renew_before",
+        ),
+        (
+            "domains = [\"a.example.com\"]\ndirectory_ca = \"certs/missing.pem\"",
+            "\"certs/missing.pem\"",
+            "acme.directory_ca",
+        ),
+        (
+            "domains = [\"a.example.com\"]\ndirectory_ca = \"certs/key.pem\"",
+            "\"certs/key.pem\"",
+            "acme.directory_ca",
+        ),
+        (
+            "domains = [\"a.example.com\"]\nemail = \"nobody\"",
+            "\"nobody\"",
+            "acme.email",
+        ),
+    ];
+    for (body, at, key) in cases {
+        assert_config_error(&acme(body), at, key);
+    }
+    // http-01 is answered on http_listen: without it, the challenge is refused.
+    let text = "[server]\nhttps_listen = \"127.0.0.1:0\"\n\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\n[acme]\ndomains = [\"a.example.com\"]\nchallenge = \"http-01\"\n";
+    assert_config_error(text, "\"http-01\"", "acme.challenge");
+
+    let dir = tempfile::tempdir().unwrap();
+    gen_cert(dir.path());
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        acme("domains = [\"a.example.com\", \"www.example.com\"]\ncache_dir = \"state/acme\""),
+    )
+    .unwrap();
+    let output = run(portcullis(&["check", "--config", config.to_str().unwrap()]));
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        out.contains("acme: a.example.com, www.example.com (http-01")
+            && out.contains("no usable certificate cached"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "check created the cache directory"
+    );
+}

@@ -4,6 +4,48 @@
 use std::path::Path;
 
 use super::Failure;
+use crate::cert_info::CertInfo;
+
+/// Certificates with less than this left are flagged.
+const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+fn expiry_warning(info: &CertInfo) -> &'static str {
+    let left = info.left_at(std::time::SystemTime::now());
+    if left.is_zero() {
+        "  WARNING: expired"
+    } else if left < EXPIRY_WARNING {
+        "  WARNING: less than 30 days left"
+    } else {
+        ""
+    }
+}
+
+/// Each static certificate's names and expiry.
+fn print_certificates(config: &crate::config::Config) {
+    let certs = config
+        .tls
+        .default_cert
+        .iter()
+        .map(|cert| ("tls.cert".to_owned(), cert))
+        .chain(
+            config
+                .tls
+                .sni
+                .iter()
+                .map(|sni| (format!("tls.sni {}", sni.server_name), &sni.cert)),
+        );
+    for (label, cert) in certs {
+        let Some(info) = cert.end_entity_cert().ok().and_then(CertInfo::read) else {
+            continue;
+        };
+        println!(
+            "certificate {label}: {} (expires {}){}",
+            info.names.join(", "),
+            info.not_after_text(),
+            expiry_warning(&info)
+        );
+    }
+}
 
 pub fn check(config_path: &Path) -> Result<(), Failure> {
     let config = crate::config::load(config_path)?;
@@ -57,8 +99,26 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
             redis.on_error.as_str()
         );
     }
+    print_certificates(&config);
     if let Some(acme) = &config.acme {
-        println!("acme: {} ({})", acme.domains.join(", "), acme.challenge);
+        let cached = match crate::acme::cached_info(acme) {
+            Some(info) => format!(
+                "cached certificate expires {}{}",
+                info.not_after_text(),
+                expiry_warning(&info)
+            ),
+            None => format!(
+                "no usable certificate cached in {} yet",
+                acme.cache_dir.display()
+            ),
+        };
+        println!(
+            "acme: {} ({}, directory {}, renew {} before expiry; {cached})",
+            acme.domains.join(", "),
+            acme.challenge.as_str(),
+            acme.directory,
+            humantime::format_duration(acme.renew_before)
+        );
     }
     if config.routes.is_empty() {
         println!("routes: none (every request gets the global policies)");

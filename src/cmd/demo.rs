@@ -275,7 +275,12 @@ fn print_walkthrough(
 ) {
     let port = config.server.https_listen.port();
     let base = format!("https://localhost:{port}");
-    let cacert = config.tls.cert_path.display();
+    let cacert = config
+        .tls
+        .cert_path
+        .as_deref()
+        .unwrap_or(Path::new("(none)"))
+        .display();
     eprintln!();
     eprintln!(
         "portcullis demo: the mock upstream is on {}, the proxy on {base}",

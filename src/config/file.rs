@@ -80,6 +80,19 @@ pub struct TlsSection {
     pub sni: Vec<SniSection>,
 }
 
+/// `[tls]` left out (with `[acme]`): every key at its default.
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            min_version: defaults::min_version(),
+            alpn: defaults::alpn(),
+            sni: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SniSection {

@@ -79,8 +79,10 @@ pub enum TlsVersion {
 }
 
 pub struct Tls {
-    pub default_cert: Arc<CertifiedKey>,
-    pub cert_path: PathBuf,
+    /// `tls.cert` and `tls.key`; `None` with `[acme]` alone, whose
+    /// certificate is then the default one.
+    pub default_cert: Option<Arc<CertifiedKey>>,
+    pub cert_path: Option<PathBuf>,
     pub sni: Vec<SniCert>,
     pub min_version: TlsVersion,
     pub alpn: Vec<Vec<u8>>,
@@ -251,9 +253,37 @@ pub fn redacted_url(url: &str) -> String {
 }
 
 /// Parsed and checked, not yet used by this build (see README, "Not yet built").
+/// `[acme]`. Compared whole on reload: the ACME manager is kept when
+/// nothing here changed.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Acme {
+    /// Lower-cased DNS names, in the order written: one certificate for all.
     pub domains: Vec<String>,
-    pub challenge: String,
+    pub email: Option<String>,
+    pub directory: String,
+    pub challenge: AcmeChallenge,
+    /// Resolved against the configuration file's directory.
+    pub cache_dir: PathBuf,
+    pub renew_before: Duration,
+    /// Extra roots trusted for the directory's HTTPS only (a test CA).
+    pub directory_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// Answered on `http_listen` at `/.well-known/acme-challenge/TOKEN`.
+    Http01,
+    /// Answered in the TLS handshake on `https_listen` (ALPN `acme-tls/1`).
+    TlsAlpn01,
+}
+
+impl AcmeChallenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeChallenge::Http01 => "http-01",
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
 }
 
 #[derive(Clone)]

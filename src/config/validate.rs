@@ -17,8 +17,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::file::{self, FileConfig};
 use super::{
-    Acme, Balance, Config, Eject, HeaderRules, HealthCheck, Jwt, Log, Redis, Route, Server,
-    ServerAddress, SniCert, Tls, TlsVersion, Upstream,
+    Acme, AcmeChallenge, Balance, Config, Eject, HeaderRules, HealthCheck, Jwt, Log, Redis, Route,
+    Server, ServerAddress, SniCert, Tls, TlsVersion, Upstream,
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
 use crate::policy::claims::{ClaimRule, ClaimValue};
@@ -45,29 +45,30 @@ type Result<T> = std::result::Result<T, Invalid>;
 
 pub fn validate(file: FileConfig, base_dir: &Path, config_path: &Path) -> Result<Config> {
     let server = server(&file.server)?;
-    let tls = match (&file.tls, &file.acme) {
-        (Some(section), _) if section.cert.is_some() || section.key.is_some() => {
-            tls(section, base_dir)?
-        }
-        (_, Some(_)) => {
-            return Err(invalid(
-                "acme",
-                "ACME certificates are not built yet in this version; set tls.cert and tls.key",
-            ));
-        }
-        (Some(_), None) => {
-            return Err(invalid(
-                "tls.cert",
-                "missing: tls.cert and tls.key are required",
-            ));
-        }
+    let acme = file
+        .acme
+        .as_ref()
+        .map(|section| acme(section, base_dir))
+        .transpose()?;
+    let tls = match (&file.tls, &acme) {
+        (Some(section), _) => tls(section, base_dir, acme.is_some())?,
+        (None, Some(_)) => tls(&file::TlsSection::default(), base_dir, true)?,
         (None, None) => {
             return Err(invalid(
                 "tls",
-                "missing: the [tls] section with cert and key is required",
+                "missing: the [tls] section with cert and key (or an [acme] section) is required",
             ));
         }
     };
+    if let Some(acme) = &acme
+        && acme.challenge == AcmeChallenge::Http01
+        && server.http_listen.is_none()
+    {
+        return Err(invalid(
+            "acme.challenge",
+            r#""http-01" is answered on server.http_listen, which is not set (set it, or use "tls-alpn-01")"#,
+        ));
+    }
     let jwt = match &file.jwt {
         Some(section) => Some(jwt(section, base_dir)?),
         None => None,
@@ -91,7 +92,7 @@ pub fn validate(file: FileConfig, base_dir: &Path, config_path: &Path) -> Result
         jwt,
         log: log(&file.log)?,
         redis: file.redis.as_ref().map(redis).transpose()?,
-        acme: file.acme.as_ref().map(acme).transpose()?,
+        acme,
         routes,
     })
 }
@@ -243,16 +244,25 @@ pub fn load_certified_key(
     Ok(Arc::new(certified))
 }
 
-fn tls(s: &file::TlsSection, base_dir: &Path) -> Result<Tls> {
-    let cert_name = s
-        .cert
-        .as_deref()
-        .ok_or_else(|| invalid("tls.cert", "missing: required with tls.key"))?;
-    let key_name = s
-        .key
-        .as_deref()
-        .ok_or_else(|| invalid("tls.key", "missing: required with tls.cert"))?;
-    let default_cert = load_certified_key(base_dir, "tls.cert", cert_name, "tls.key", key_name)?;
+/// `[tls]`; with `[acme]`, `cert` and `key` may be left out (then ACME's
+/// certificate is the default one).
+fn tls(s: &file::TlsSection, base_dir: &Path, acme: bool) -> Result<Tls> {
+    let default_cert = match (s.cert.as_deref(), s.key.as_deref()) {
+        (Some(cert_name), Some(key_name)) => Some((
+            load_certified_key(base_dir, "tls.cert", cert_name, "tls.key", key_name)?,
+            resolve(base_dir, cert_name),
+        )),
+        (None, None) if acme => None,
+        (None, None) => {
+            return Err(invalid(
+                "tls.cert",
+                "missing: tls.cert and tls.key are required (or an [acme] section)",
+            ));
+        }
+        (Some(_), None) => return Err(invalid("tls.key", "missing: required with tls.cert")),
+        (None, Some(_)) => return Err(invalid("tls.cert", "missing: required with tls.key")),
+    };
+    let (default_cert, cert_path) = default_cert.unzip();
     let min_version = match s.min_version.as_str() {
         "1.2" => TlsVersion::Tls12,
         "1.3" => TlsVersion::Tls13,
@@ -306,7 +316,7 @@ fn tls(s: &file::TlsSection, base_dir: &Path) -> Result<Tls> {
     }
     Ok(Tls {
         default_cert,
-        cert_path: resolve(base_dir, cert_name),
+        cert_path,
         sni,
         min_version,
         alpn,
@@ -751,22 +761,93 @@ fn redis(s: &file::RedisSection) -> Result<Redis> {
     })
 }
 
-fn acme(s: &file::AcmeSection) -> Result<Acme> {
+fn acme(s: &file::AcmeSection, base_dir: &Path) -> Result<Acme> {
     if s.domains.is_empty() {
         return Err(invalid("acme.domains", "list at least one domain"));
     }
-    if !matches!(s.challenge.as_str(), "http-01" | "tls-alpn-01") {
+    let mut domains: Vec<String> = Vec::with_capacity(s.domains.len());
+    for (i, domain) in s.domains.iter().enumerate() {
+        let name = domain.trim_end_matches('.').to_ascii_lowercase();
+        let dns_name_ok = rustls_pki_types::DnsName::try_from(name.as_str()).is_ok()
+            && name.contains('.')
+            && name.parse::<std::net::IpAddr>().is_err()
+            && !name.starts_with("*.");
+        if !dns_name_ok {
+            return Err(invalid(
+                format!("acme.domains[{i}]"),
+                format!(
+                    r#"expected a DNS name such as "www.example.com" (no IP address, no wildcard), got "{domain}""#
+                ),
+            ));
+        }
+        if domains.contains(&name) {
+            return Err(invalid(format!("acme.domains[{i}]"), "listed twice"));
+        }
+        domains.push(name);
+    }
+    let challenge = match s.challenge.as_str() {
+        "http-01" => AcmeChallenge::Http01,
+        "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+        other => {
+            return Err(invalid(
+                "acme.challenge",
+                format!(r#"expected "http-01" or "tls-alpn-01", got "{other}""#),
+            ));
+        }
+    };
+    let directory_ok = s.directory.parse::<http::Uri>().ok().is_some_and(|uri| {
+        matches!(uri.scheme_str(), Some("https" | "http")) && uri.host().is_some()
+    });
+    if !directory_ok {
         return Err(invalid(
-            "acme.challenge",
+            "acme.directory",
             format!(
-                r#"expected "http-01" or "tls-alpn-01", got "{}""#,
-                s.challenge
+                r#"expected an absolute https:// URL such as "https://acme-v02.api.letsencrypt.org/directory", got "{}""#,
+                s.directory
             ),
         ));
     }
+    if s.renew_before.0.is_zero() {
+        return Err(invalid(
+            "acme.renew_before",
+            "must be more than 0 (how long before expiry to renew)",
+        ));
+    }
+    if s.cache_dir.trim().is_empty() {
+        return Err(invalid("acme.cache_dir", "must not be empty"));
+    }
+    if let Some(email) = &s.email
+        && (email.is_empty() || !email.contains('@') || email.contains(char::is_whitespace))
+    {
+        return Err(invalid(
+            "acme.email",
+            format!(r#"expected an address such as "ops@example.com", got "{email}""#),
+        ));
+    }
+    let directory_ca = match &s.directory_ca {
+        Some(name) => {
+            let pem = read_file("acme.directory_ca", base_dir, name)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| invalid("acme.directory_ca", format!("not a PEM certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    "acme.directory_ca",
+                    "no certificate found in the PEM file",
+                ));
+            }
+            certs
+        }
+        None => Vec::new(),
+    };
     Ok(Acme {
-        domains: s.domains.clone(),
-        challenge: s.challenge.clone(),
+        domains,
+        email: s.email.clone(),
+        directory: s.directory.clone(),
+        challenge,
+        cache_dir: resolve(base_dir, &s.cache_dir),
+        renew_before: s.renew_before.0,
+        directory_ca,
     })
 }
 

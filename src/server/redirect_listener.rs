@@ -1,5 +1,6 @@
 //! The plain-HTTP listener (`http_listen`): every request gets a 308 to the
-//! same URL on HTTPS, built by [`crate::redirect`]. It runs on the control
+//! same URL on HTTPS, built by [`crate::redirect`], except, with `[acme]`,
+//! the CA's http-01 validations under `/.well-known/acme-challenge/`. It runs on the control
 //! thread's runtime, beside the admin listener, and drains with the rest on
 //! shutdown.
 
@@ -34,9 +35,14 @@ pub(super) async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, ht
             )
             .filter(|p| *p != 443);
             let timeout = runtime.config.server.header_read_timeout;
+            let acme = runtime.acme.as_ref().map(|acme| acme.certs.clone());
             drop(runtime);
-            let service = service_fn(move |request| async move {
-                Ok::<_, std::convert::Infallible>(crate::redirect::respond(&request, port))
+            let service = service_fn(move |request| {
+                let answer = acme
+                    .as_deref()
+                    .and_then(|certs| crate::acme::http01::answer(certs, &request))
+                    .unwrap_or_else(|| crate::redirect::respond(&request, port));
+                async move { Ok::<_, std::convert::Infallible>(answer) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder

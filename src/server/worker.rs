@@ -176,6 +176,11 @@ async fn serve_https(
     };
     drop(runtime);
     let (_, session) = tls.get_ref();
+    if session.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+        // A CA's tls-alpn-01 validation: the handshake was the answer, and
+        // no HTTP is spoken on such a connection (RFC 8737 §3).
+        return;
+    }
     let version = crate::tls::version_label(session.protocol_version());
     let is_h2 = session.alpn_protocol() == Some(b"h2");
     shared

@@ -1,0 +1,236 @@
+//! Automatic certificates over ACME (RFC 8555), as `[acme]` asks: the
+//! account and certificate kept in `cache_dir`, an order placed when there
+//! is no usable certificate or renewal is due, the challenge answered on
+//! the HTTP listener (http-01) or in the TLS handshake (tls-alpn-01), and
+//! the new certificate swapped in for new connections while those already
+//! open finish on the old one.
+//!
+//! [`AcmeManager`] is the live object: built once in `runtime.rs` (and
+//! kept across reloads while `[acme]` is unchanged), it owns the task that
+//! talks to the CA, on a thread of its own ([`crate::background`]), and
+//! the [`AcmeCerts`] the TLS resolver and the HTTP listener read.
+
+pub mod certs;
+mod client;
+pub mod http01;
+mod order;
+pub mod schedule;
+mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use instant_acme::{Account, CertificateIdentifier};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+pub use certs::{ACME_TLS_ALPN, AcmeCerts};
+
+use crate::background::Background;
+use crate::cert_info::CertInfo;
+use crate::config::Acme;
+use crate::telemetry::{Metrics, ResultLabels};
+use client::DirectoryClient;
+use store::CacheDir;
+
+/// The longest the task sleeps before looking again: renewal starts within
+/// about a minute of being due, whatever the clock did meanwhile.
+const RECHECK: Duration = Duration::from_secs(60);
+/// How often the CA's renewal information is asked for one certificate.
+const ARI_RECHECK: Duration = Duration::from_secs(6 * 3600);
+
+pub struct AcmeManager {
+    pub certs: Arc<AcmeCerts>,
+    settings: Acme,
+    _task: Background,
+}
+
+impl AcmeManager {
+    /// Makes `cache_dir`, serves the cached certificate if it is usable
+    /// (else a temporary self-signed one), and starts the task.
+    pub fn start(settings: &Acme, metrics: &Metrics) -> anyhow::Result<Arc<AcmeManager>> {
+        let cache = CacheDir::new(&settings.cache_dir);
+        cache.create().with_context(|| {
+            format!(
+                "acme.cache_dir: cannot create {}",
+                settings.cache_dir.display()
+            )
+        })?;
+        let temporary = order::temporary_cert(&settings.domains)
+            .context("acme: cannot make the temporary certificate")?;
+        let certs = Arc::new(AcmeCerts::new(settings.domains.clone(), temporary));
+        match order::cached(settings, &cache) {
+            Some((key, info)) => {
+                tracing::info!(
+                    domains = %settings.domains.join(","),
+                    serial = %info.serial_hex(),
+                    not_after = %info.not_after_text(),
+                    "acme: using the cached certificate"
+                );
+                certs.install(key, info);
+            }
+            None => tracing::info!(
+                domains = %settings.domains.join(","),
+                "acme: no usable certificate in {} yet: serving a temporary self-signed one until the CA issues one",
+                settings.cache_dir.display()
+            ),
+        }
+        let client = DirectoryClient::new(&settings.directory_ca)
+            .context("acme: cannot set up the connection to the directory")?;
+        let task = Renewal {
+            settings: settings.clone(),
+            certs: certs.clone(),
+            cache,
+            client,
+            renewals: metrics.acme_renewals.clone(),
+        };
+        let background = Background::start("acme", move || task.run())
+            .context("acme: cannot start the renewal task")?;
+        Ok(Arc::new(AcmeManager {
+            certs,
+            settings: settings.clone(),
+            _task: background,
+        }))
+    }
+
+    pub fn settings(&self) -> &Acme {
+        &self.settings
+    }
+}
+
+/// The cached certificate's details, read without creating anything (for
+/// `check`).
+pub fn cached_info(settings: &Acme) -> Option<CertInfo> {
+    order::cached(settings, &CacheDir::new(&settings.cache_dir)).map(|(_, info)| info)
+}
+
+/// The task: sleeps until renewal is due, orders, installs, and retries
+/// with back-off when the CA fails.
+struct Renewal {
+    settings: Acme,
+    certs: Arc<AcmeCerts>,
+    cache: CacheDir,
+    client: DirectoryClient,
+    renewals: Family<ResultLabels, Counter>,
+}
+
+impl Renewal {
+    async fn run(self) {
+        let mut account: Option<Account> = None;
+        let mut failures = 0u32;
+        let mut obtained_at: Option<SystemTime> = None;
+        let mut ari: Option<AskedAri> = None;
+        loop {
+            let served = self.certs.current();
+            let due = match &served.info {
+                None => SystemTime::UNIX_EPOCH,
+                Some(info) => {
+                    let window = ari
+                        .as_ref()
+                        .filter(|(serial, _, _)| *serial == info.serial)
+                        .and_then(|(_, _, window)| *window);
+                    schedule::renew_at(info, self.settings.renew_before, obtained_at, window)
+                }
+            };
+            let now = SystemTime::now();
+            if let Ok(wait) = due.duration_since(now)
+                && !wait.is_zero()
+            {
+                if let (Some(info), Some(account)) = (&served.info, &account) {
+                    let stale = ari.as_ref().is_none_or(|(serial, asked, _)| {
+                        *serial != info.serial || asked.elapsed() >= ARI_RECHECK
+                    });
+                    if stale {
+                        let window = renewal_window(account, info).await;
+                        ari = Some((info.serial.clone(), Instant::now(), window));
+                        continue;
+                    }
+                }
+                tokio::time::sleep(wait.min(RECHECK)).await;
+                continue;
+            }
+            match self.order(&mut account).await {
+                Ok((key, info)) => {
+                    failures = 0;
+                    obtained_at = Some(SystemTime::now());
+                    self.renewals
+                        .get_or_create(&ResultLabels { result: "success" })
+                        .inc();
+                    tracing::info!(
+                        domains = %self.settings.domains.join(","),
+                        serial = %info.serial_hex(),
+                        not_after = %info.not_after_text(),
+                        "acme: certificate obtained"
+                    );
+                    if self.settings.renew_before >= info.lifetime() {
+                        tracing::warn!(
+                            "acme: renew_before ({:?}) is not shorter than the certificate's life ({:?}): it is renewed every {:?}",
+                            self.settings.renew_before,
+                            info.lifetime(),
+                            schedule::min_interval(info.lifetime())
+                        );
+                    }
+                    self.certs.install(key, info);
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    account = None;
+                    self.renewals
+                        .get_or_create(&ResultLabels { result: "failure" })
+                        .inc();
+                    let retry = schedule::retry_after(failures);
+                    tracing::warn!(
+                        error = %format!("{error:#}"),
+                        retry_in_secs = retry.as_secs(),
+                        "acme: order failed; retrying"
+                    );
+                    tokio::time::sleep(retry).await;
+                }
+            }
+        }
+    }
+
+    async fn order(
+        &self,
+        account: &mut Option<Account>,
+    ) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, CertInfo)> {
+        if account.is_none() {
+            let (new, created) = order::account(&self.settings, &self.cache, &self.client).await?;
+            if created {
+                tracing::info!(directory = %self.settings.directory, "acme: account created");
+            }
+            *account = Some(new);
+        }
+        let Some(account) = account.as_ref() else {
+            anyhow::bail!("no ACME account");
+        };
+        order::obtain(&self.settings, account, &self.certs, &self.cache).await
+    }
+}
+
+/// The CA's suggested window for the served certificate: its serial, when
+/// it was asked, and the window if the CA offers one.
+type AskedAri = (Vec<u8>, Instant, Option<(SystemTime, SystemTime)>);
+
+/// The CA's suggested renewal window (ARI), when it offers one.
+async fn renewal_window(account: &Account, info: &CertInfo) -> Option<(SystemTime, SystemTime)> {
+    let aki = info.authority_key_id.as_deref()?;
+    let id = CertificateIdentifier::new(aki.into(), info.serial.as_slice().into());
+    match account.renewal_info(&id).await {
+        Ok((renewal, _)) => {
+            let at = |seconds: i64| {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+            };
+            Some((
+                at(renewal.suggested_window.start.unix_timestamp()),
+                at(renewal.suggested_window.end.unix_timestamp()),
+            ))
+        }
+        Err(instant_acme::Error::Unsupported(_)) => None,
+        Err(error) => {
+            tracing::debug!(error = %error, "acme: no renewal information from the CA");
+            None
+        }
+    }
+}
