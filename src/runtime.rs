@@ -112,11 +112,17 @@ impl Runtime {
         let acme = match (&config.acme, previous) {
             _ if matches!(purpose, Purpose::Explain { .. }) => None,
             (Some(settings), Some(p))
-                if p.acme.as_ref().is_some_and(|a| a.settings() == settings) =>
+                if p.acme
+                    .as_ref()
+                    .is_some_and(|a| a.started_for(settings, config.redis.as_ref())) =>
             {
                 p.acme.clone()
             }
-            (Some(settings), _) => Some(AcmeManager::start(settings, metrics)?),
+            (Some(settings), _) => Some(AcmeManager::start(
+                settings,
+                config.redis.as_ref(),
+                metrics,
+            )?),
             (None, _) => None,
         };
         let tls = TlsAcceptor::from(crate::tls::server_config(

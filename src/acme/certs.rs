@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
 
+use super::shared::SharedStore;
 use crate::cert_info::CertInfo;
 
 /// The ALPN protocol of tls-alpn-01 (RFC 8737).
@@ -29,11 +30,17 @@ pub struct AcmeCerts {
     http_tokens: Mutex<HashMap<String, String>>,
     /// tls-alpn-01: domain → the challenge certificate.
     alpn_certs: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// With `[redis]`: where other instances publish their http-01 answers.
+    shared: Option<Arc<SharedStore>>,
 }
 
 impl AcmeCerts {
     /// Serving `temporary` until [`Self::install`] is called.
-    pub fn new(domains: Vec<String>, temporary: Arc<CertifiedKey>) -> Self {
+    pub fn new(
+        domains: Vec<String>,
+        temporary: Arc<CertifiedKey>,
+        shared: Option<Arc<SharedStore>>,
+    ) -> Self {
         AcmeCerts {
             domains,
             current: ArcSwap::from_pointee(Served {
@@ -42,7 +49,12 @@ impl AcmeCerts {
             }),
             http_tokens: Mutex::default(),
             alpn_certs: Mutex::default(),
+            shared,
         }
+    }
+
+    pub fn shared(&self) -> Option<&SharedStore> {
+        self.shared.as_deref()
     }
 
     pub fn domains(&self) -> &[String] {

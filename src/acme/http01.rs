@@ -13,12 +13,40 @@ use super::certs::AcmeCerts;
 
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
-/// The answer when `request` is a challenge request; `None` otherwise.
-pub fn answer<B>(certs: &AcmeCerts, request: &Request<B>) -> Option<Response<Full<Bytes>>> {
-    let token = request.uri().path().strip_prefix(CHALLENGE_PREFIX)?;
-    let found = matches!(*request.method(), Method::GET | Method::HEAD)
-        .then(|| certs.http_answer(token))
-        .flatten();
+/// The token of a challenge request; `None` for any other request.
+pub fn challenge_token<B>(request: &Request<B>) -> Option<&str> {
+    request.uri().path().strip_prefix(CHALLENGE_PREFIX)
+}
+
+/// The answer to a challenge request for `token`: this instance's, else,
+/// with `[redis]`, another instance's (the load balancer may send the CA's
+/// request to any of them).
+pub async fn answer(certs: &AcmeCerts, method: &Method, token: &str) -> Response<Full<Bytes>> {
+    // ACME tokens are base64url, at least 128 bits (RFC 8555 §8.1): anything
+    // else is not worth a trip to Redis.
+    let plausible = (16..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let mut found = None;
+    if matches!(*method, Method::GET | Method::HEAD) && plausible {
+        found = certs.http_answer(token);
+        if found.is_none()
+            && let Some(shared) = certs.shared()
+        {
+            found = match shared.http_answer(token).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "acme: cannot look up an http-01 answer in Redis");
+                    None
+                }
+            };
+        }
+    }
+    respond(found)
+}
+
+fn respond(found: Option<String>) -> Response<Full<Bytes>> {
     let (status, body) = match found {
         Some(key_authorization) => (StatusCode::OK, Bytes::from(key_authorization)),
         None => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
@@ -28,7 +56,7 @@ pub fn answer<B>(certs: &AcmeCerts, request: &Request<B>) -> Option<Response<Ful
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Some(response)
+    response
 }
 
 #[cfg(test)]
@@ -36,32 +64,34 @@ mod tests {
     use super::*;
     use crate::acme::order::temporary_cert;
 
-    fn get(path: &str) -> Request<()> {
-        Request::get(path).body(()).unwrap()
-    }
-
-    #[test]
-    fn a_published_token_is_answered_and_any_other_is_404() {
+    #[tokio::test]
+    async fn a_published_token_is_answered_and_any_other_is_404() {
         let domains = vec!["a.example.com".to_owned()];
-        let certs = AcmeCerts::new(domains.clone(), temporary_cert(&domains).unwrap());
-        certs.publish_http("tok", "tok.thumb");
-        let ok = answer(&certs, &get("/.well-known/acme-challenge/tok")).unwrap();
+        let certs = AcmeCerts::new(domains.clone(), temporary_cert(&domains).unwrap(), None);
+        let token = "tok_0123456789abcdef";
+        certs.publish_http(token, "tok.thumb");
+        let ok = answer(&certs, &Method::GET, token).await;
         assert_eq!(ok.status(), StatusCode::OK);
-        let unknown = answer(&certs, &get("/.well-known/acme-challenge/other")).unwrap();
+        let unknown = answer(&certs, &Method::GET, "other_0123456789abcdef").await;
         assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
-        let post = Request::post("/.well-known/acme-challenge/tok")
-            .body(())
-            .unwrap();
         assert_eq!(
-            answer(&certs, &post).unwrap().status(),
+            answer(&certs, &Method::POST, token).await.status(),
             StatusCode::NOT_FOUND
         );
-        assert!(
-            answer(&certs, &get("/elsewhere")).is_none(),
-            "redirected as usual"
+        assert_eq!(
+            answer(&certs, &Method::GET, "a/../b").await.status(),
+            StatusCode::NOT_FOUND
         );
-        certs.withdraw_http("tok");
-        let gone = answer(&certs, &get("/.well-known/acme-challenge/tok")).unwrap();
-        assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+        let elsewhere = Request::get("/elsewhere").body(()).unwrap();
+        assert!(challenge_token(&elsewhere).is_none(), "redirected as usual");
+        let challenge = Request::get("/.well-known/acme-challenge/x")
+            .body(())
+            .unwrap();
+        assert_eq!(challenge_token(&challenge), Some("x"));
+        certs.withdraw_http(token);
+        assert_eq!(
+            answer(&certs, &Method::GET, token).await.status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

@@ -15,6 +15,7 @@ mod client;
 pub mod http01;
 mod order;
 pub mod schedule;
+mod shared;
 mod store;
 
 use std::sync::Arc;
@@ -29,9 +30,11 @@ pub use certs::{ACME_TLS_ALPN, AcmeCerts};
 
 use crate::background::Background;
 use crate::cert_info::CertInfo;
-use crate::config::Acme;
+use crate::config::{Acme, Redis};
 use crate::telemetry::{Metrics, ResultLabels};
 use client::DirectoryClient;
+use order::Obtained;
+use shared::{SharedCert, SharedStore};
 use store::CacheDir;
 
 /// The longest the task sleeps before looking again: renewal starts within
@@ -39,17 +42,31 @@ use store::CacheDir;
 const RECHECK: Duration = Duration::from_secs(60);
 /// How often the CA's renewal information is asked for one certificate.
 const ARI_RECHECK: Duration = Duration::from_secs(6 * 3600);
+/// Failed attempts at the renewal lock before ordering without it.
+const LOCK_ATTEMPTS: u32 = 3;
+/// While another instance holds the renewal lock, how often to look for
+/// the certificate it is getting.
+const LOCK_POLL: Duration = Duration::from_secs(2);
 
 pub struct AcmeManager {
     pub certs: Arc<AcmeCerts>,
     settings: Acme,
+    redis: Option<Redis>,
     _task: Background,
 }
 
 impl AcmeManager {
     /// Makes `cache_dir`, serves the cached certificate if it is usable
     /// (else a temporary self-signed one), and starts the task.
-    pub fn start(settings: &Acme, metrics: &Metrics) -> anyhow::Result<Arc<AcmeManager>> {
+    /// With `redis`, the state is shared with every instance using it.
+    pub fn start(
+        settings: &Acme,
+        redis: Option<&Redis>,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Arc<AcmeManager>> {
+        let shared = redis
+            .map(|redis| SharedStore::new(redis, settings).map(Arc::new))
+            .transpose()?;
         let cache = CacheDir::new(&settings.cache_dir);
         cache.create().with_context(|| {
             format!(
@@ -59,7 +76,7 @@ impl AcmeManager {
         })?;
         let temporary = order::temporary_cert(&settings.domains)
             .context("acme: cannot make the temporary certificate")?;
-        let certs = Arc::new(AcmeCerts::new(settings.domains.clone(), temporary));
+        let certs = Arc::new(AcmeCerts::new(settings.domains.clone(), temporary, shared));
         match order::cached(settings, &cache) {
             Some((key, info)) => {
                 tracing::info!(
@@ -90,12 +107,15 @@ impl AcmeManager {
         Ok(Arc::new(AcmeManager {
             certs,
             settings: settings.clone(),
+            redis: redis.cloned(),
             _task: background,
         }))
     }
 
-    pub fn settings(&self) -> &Acme {
-        &self.settings
+    /// Whether this manager was started for these settings (a reload keeps
+    /// it then).
+    pub fn started_for(&self, settings: &Acme, redis: Option<&Redis>) -> bool {
+        self.settings == *settings && self.redis.as_ref() == redis
     }
 }
 
@@ -121,6 +141,7 @@ impl Renewal {
         let mut failures = 0u32;
         let mut obtained_at: Option<SystemTime> = None;
         let mut ari: Option<AskedAri> = None;
+        let mut shared_checked: Option<Instant> = None;
         loop {
             let served = self.certs.current();
             let due = match &served.info {
@@ -133,6 +154,17 @@ impl Renewal {
                     schedule::renew_at(info, self.settings.renew_before, obtained_at, window)
                 }
             };
+            // Another instance may have renewed first: take its certificate.
+            let look_at_shared = served.info.is_none()
+                || due <= SystemTime::now()
+                || shared_checked.is_none_or(|at| at.elapsed() >= RECHECK);
+            if look_at_shared && self.certs.shared().is_some() {
+                shared_checked = Some(Instant::now());
+                if self.adopt_shared().await {
+                    obtained_at = Some(SystemTime::now());
+                    continue;
+                }
+            }
             let now = SystemTime::now();
             if let Ok(wait) = due.duration_since(now)
                 && !wait.is_zero()
@@ -150,13 +182,65 @@ impl Renewal {
                 tokio::time::sleep(wait.min(RECHECK)).await;
                 continue;
             }
-            match self.order(&mut account).await {
-                Ok((key, info)) => {
+            let lock = match self.certs.shared() {
+                None => None,
+                Some(shared) => match shared.try_lock().await {
+                    Ok(Some(lock)) => Some(lock),
+                    Ok(None) => {
+                        // Another instance is ordering; its certificate
+                        // will be in the shared store.
+                        tokio::time::sleep(LOCK_POLL).await;
+                        continue;
+                    }
+                    Err(error) if failures < LOCK_ATTEMPTS => {
+                        failures = failures.saturating_add(1);
+                        let retry = schedule::retry_after(failures);
+                        tracing::warn!(
+                            error = %format!("{error:#}"),
+                            retry_in_secs = retry.as_secs(),
+                            "acme: cannot take the renewal lock in Redis; retrying"
+                        );
+                        tokio::time::sleep(retry).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        // A certificate without the lock beats none: at
+                        // worst each instance orders its own.
+                        tracing::warn!(
+                            error = %format!("{error:#}"),
+                            "acme: Redis is still unreachable; ordering without the shared lock"
+                        );
+                        None
+                    }
+                },
+            };
+            // The holder before us may have just finished.
+            if lock.is_some() && self.adopt_shared().await {
+                obtained_at = Some(SystemTime::now());
+                self.unlock(lock).await;
+                continue;
+            }
+            let result = self.order(&mut account).await;
+            if let (Ok(obtained), Some(shared)) = (&result, self.certs.shared()) {
+                let put = shared
+                    .put_cert(&SharedCert {
+                        chain: obtained.chain_pem.clone(),
+                        key: obtained.key_pem.clone(),
+                    })
+                    .await;
+                if let Err(error) = put {
+                    tracing::warn!(error = %format!("{error:#}"), "acme: cannot share the new certificate through Redis");
+                }
+            }
+            self.unlock(lock).await;
+            match result {
+                Ok(obtained) => {
                     failures = 0;
                     obtained_at = Some(SystemTime::now());
                     self.renewals
                         .get_or_create(&ResultLabels { result: "success" })
                         .inc();
+                    let info = &obtained.info;
                     tracing::info!(
                         domains = %self.settings.domains.join(","),
                         serial = %info.serial_hex(),
@@ -171,7 +255,7 @@ impl Renewal {
                             schedule::min_interval(info.lifetime())
                         );
                     }
-                    self.certs.install(key, info);
+                    self.certs.install(obtained.key, obtained.info);
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
@@ -191,12 +275,57 @@ impl Renewal {
         }
     }
 
-    async fn order(
-        &self,
-        account: &mut Option<Account>,
-    ) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, CertInfo)> {
+    /// Installs the shared certificate if it is newer than the one served;
+    /// true if it did.
+    async fn adopt_shared(&self) -> bool {
+        let Some(shared) = self.certs.shared() else {
+            return false;
+        };
+        let found = match shared.cert().await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::debug!(error = %format!("{error:#}"), "acme: cannot read the shared certificate");
+                return false;
+            }
+        };
+        let served = self.certs.current();
+        let Some(obtained) = found.and_then(|f| order::adopt(&self.settings, &self.cache, &f))
+        else {
+            return false;
+        };
+        let newer = served.info.as_ref().is_none_or(|info| {
+            info.serial != obtained.info.serial && obtained.info.not_after > info.not_after
+        });
+        if !newer {
+            return false;
+        }
+        tracing::info!(
+            domains = %self.settings.domains.join(","),
+            serial = %obtained.info.serial_hex(),
+            not_after = %obtained.info.not_after_text(),
+            "acme: using the certificate another instance obtained"
+        );
+        self.certs.install(obtained.key, obtained.info);
+        true
+    }
+
+    async fn unlock(&self, lock: Option<shared::Lock>) {
+        if let (Some(lock), Some(shared)) = (lock, self.certs.shared())
+            && let Err(error) = shared.unlock(lock).await
+        {
+            tracing::warn!(error = %format!("{error:#}"), "acme: cannot release the renewal lock (it expires by itself)");
+        }
+    }
+
+    async fn order(&self, account: &mut Option<Account>) -> anyhow::Result<Obtained> {
         if account.is_none() {
-            let (new, created) = order::account(&self.settings, &self.cache, &self.client).await?;
+            let (new, created) = order::account(
+                &self.settings,
+                &self.cache,
+                &self.client,
+                self.certs.shared(),
+            )
+            .await?;
             if created {
                 tracing::info!(directory = %self.settings.directory, "acme: account created");
             }

@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::certs::AcmeCerts;
 use super::client::DirectoryClient;
+use super::shared::{SharedCert, SharedStore};
 use super::store::{ACCOUNT_FILE, CERT_FILE, CacheDir, KEY_FILE, StoredAccount};
 use crate::cert_info::CertInfo;
 use crate::config::{Acme, AcmeChallenge};
@@ -23,25 +24,48 @@ use crate::config::{Acme, AcmeChallenge};
 /// How long the CA may take to validate and to issue.
 const ORDER_PATIENCE: Duration = Duration::from_secs(120);
 
-/// The account for `settings.directory`: the cached one, or a new one,
-/// cached before it is used. `created` says which.
+/// The account for `settings.directory`: the shared one (with `[redis]`),
+/// else the cached one, else a new one, stored before it is used. `created`
+/// says whether it is new.
 pub async fn account(
     settings: &Acme,
     cache: &CacheDir,
     client: &DirectoryClient,
+    shared: Option<&SharedStore>,
 ) -> anyhow::Result<(Account, bool)> {
-    let stored = cache
+    let from_shared = match shared {
+        Some(shared) => shared
+            .account()
+            .await
+            .context("cannot read the shared account from Redis")?,
+        None => None,
+    };
+    let local = cache
         .read(ACCOUNT_FILE)
         .context("cannot read the cached account")?
-        .and_then(|bytes| serde_json::from_slice::<StoredAccount>(&bytes).ok())
-        .filter(|stored| stored.directory == settings.directory);
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    let stored = from_shared
+        .iter()
+        .chain(local.iter())
+        .filter_map(|text| serde_json::from_str::<StoredAccount>(text).ok())
+        .find(|stored| stored.directory == settings.directory);
     if let Some(stored) = stored {
-        let credentials: AccountCredentials = serde_json::from_value(stored.credentials)
-            .context("the cached account cannot be read back")?;
+        let credentials: AccountCredentials = serde_json::from_value(stored.credentials.clone())
+            .context("the stored account cannot be read back")?;
         let account = Account::builder_with_http(Box::new(client.clone()))
             .from_credentials(credentials)
             .await
             .context("cannot reach the ACME directory")?;
+        let text = serde_json::to_string_pretty(&stored)?;
+        if let Some(shared) = shared
+            && from_shared.is_none()
+        {
+            // This instance's cached account becomes everyone's.
+            shared.put_account(&text).await?;
+        }
+        if local.as_deref() != Some(text.as_str()) {
+            cache.write(ACCOUNT_FILE, text.as_bytes())?;
+        }
         return Ok((account, false));
     }
     let contact = settings
@@ -65,9 +89,13 @@ pub async fn account(
         directory: settings.directory.clone(),
         credentials: serde_json::to_value(&credentials)?,
     };
+    let text = serde_json::to_string_pretty(&stored)?;
     cache
-        .write(ACCOUNT_FILE, &serde_json::to_vec_pretty(&stored)?)
+        .write(ACCOUNT_FILE, text.as_bytes())
         .context("cannot cache the ACME account")?;
+    if let Some(shared) = shared {
+        shared.put_account(&text).await?;
+    }
     Ok((account, true))
 }
 
@@ -77,7 +105,7 @@ pub async fn obtain(
     account: &Account,
     certs: &AcmeCerts,
     cache: &CacheDir,
-) -> anyhow::Result<(Arc<CertifiedKey>, CertInfo)> {
+) -> anyhow::Result<Obtained> {
     let identifiers: Vec<Identifier> = settings
         .domains
         .iter()
@@ -112,6 +140,14 @@ pub async fn obtain(
             AcmeChallenge::Http01 => {
                 certs.publish_http(&challenge.token, key_authorization.as_str());
                 published.http_tokens.push(challenge.token.clone());
+                if let Some(shared) = certs.shared()
+                    && let Err(error) = shared
+                        .publish_http(&challenge.token, key_authorization.as_str())
+                        .await
+                {
+                    // This instance still answers; others cannot.
+                    tracing::warn!(error = %format!("{error:#}"), "acme: cannot publish the http-01 answer in Redis");
+                }
             }
             AcmeChallenge::TlsAlpn01 => {
                 let domain = challenge.identifier().to_string();
@@ -130,6 +166,12 @@ pub async fn obtain(
         .poll_ready(&patience)
         .await
         .context("the order did not become ready")?;
+    if let Some(shared) = certs.shared() {
+        for token in &published.http_tokens {
+            // Best effort: the answers expire by themselves.
+            let _ = shared.withdraw_http(token).await;
+        }
+    }
     drop(published);
     if status != OrderStatus::Ready {
         let state = order.state();
@@ -164,7 +206,39 @@ pub async fn obtain(
     // not match its key, which `cached` refuses, and not the reverse.
     cache.write(KEY_FILE, key_pem.as_bytes())?;
     cache.write(CERT_FILE, chain_pem.as_bytes())?;
-    Ok((key, info))
+    Ok(Obtained {
+        key,
+        info,
+        chain_pem,
+        key_pem,
+    })
+}
+
+/// A certificate ready to serve, with the PEM it was read from.
+pub struct Obtained {
+    pub key: Arc<CertifiedKey>,
+    pub info: CertInfo,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// A certificate another instance put in the shared store, if it covers
+/// every domain and has not expired; cached here too.
+pub fn adopt(settings: &Acme, cache: &CacheDir, shared: &SharedCert) -> Option<Obtained> {
+    let (key, info) = certified_key(shared.chain.as_bytes(), shared.key.as_bytes()).ok()?;
+    let fresh = info.not_after > std::time::SystemTime::now();
+    if !(fresh && info.covers(&settings.domains)) {
+        return None;
+    }
+    // A cache that cannot be written costs a restart's head start, no more.
+    let _ = cache.write(KEY_FILE, shared.key.as_bytes());
+    let _ = cache.write(CERT_FILE, shared.chain.as_bytes());
+    Some(Obtained {
+        key,
+        info,
+        chain_pem: shared.chain.clone(),
+        key_pem: shared.key.clone(),
+    })
 }
 
 /// The cached certificate, if it covers every domain and has not expired.

@@ -38,11 +38,16 @@ pub(super) async fn redirect_loop(listener: TcpListener, shared: Arc<Shared>, ht
             let acme = runtime.acme.as_ref().map(|acme| acme.certs.clone());
             drop(runtime);
             let service = service_fn(move |request| {
-                let answer = acme
-                    .as_deref()
-                    .and_then(|certs| crate::acme::http01::answer(certs, &request))
-                    .unwrap_or_else(|| crate::redirect::respond(&request, port));
-                async move { Ok::<_, std::convert::Infallible>(answer) }
+                let acme = acme.clone();
+                async move {
+                    let answer = match (&acme, crate::acme::http01::challenge_token(&request)) {
+                        (Some(certs), Some(token)) => {
+                            crate::acme::http01::answer(certs, request.method(), token).await
+                        }
+                        _ => crate::redirect::respond(&request, port),
+                    };
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
