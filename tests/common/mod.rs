@@ -904,3 +904,28 @@ pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
     }
     false
 }
+
+/// A loopback port that binds now, below the kernel's ephemeral range
+/// (32768 and up here): no outgoing connection and no `127.0.0.1:0` bind
+/// (what the other tests' listeners use) can be handed it while its owner
+/// is down (Redis killed, Pebble stopped, a proxy restarting), so it can be
+/// written into a config file before anything listens on it. Within one
+/// test binary the stride (prime to 12,000) never returns a port twice.
+pub fn loopback_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        ^ (u64::from(std::process::id()) << 20);
+    for _ in 0..1000 {
+        let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
+        let port = 20_000 + (n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000");
+}

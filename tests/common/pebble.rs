@@ -19,9 +19,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -55,29 +54,7 @@ pub fn installed() -> bool {
     found
 }
 
-/// A loopback port that binds now, below the kernel's ephemeral range
-/// (32768 and up here): no outgoing connection and no `127.0.0.1:0` bind
-/// (what the other tests' listeners use) can be handed it while its owner
-/// is down (Pebble stopped, a proxy restarting), so it can be written into
-/// a config file before anything listens on it. As `redis_port()` in
-/// tests/shared_limits.rs; within one test binary the stride (prime to
-/// 12,000) never returns a port twice.
-pub fn loopback_port() -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-        ^ (u64::from(std::process::id()) << 20);
-    for _ in 0..1000 {
-        let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
-        let port = 20_000 + (n % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port between 20000 and 32000");
-}
+pub use crate::common::loopback_port;
 
 /// Where Pebble's validator connects, and how long its certificates live.
 #[derive(Clone, Copy, Debug)]

@@ -5,9 +5,8 @@
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 
@@ -50,25 +49,10 @@ pub struct RedisServer {
     output: Arc<Mutex<Vec<String>>>,
 }
 
-/// A loopback port that binds now, below the kernel's ephemeral range
-/// (32768 and up here): no outgoing connection and no `127.0.0.1:0` bind
-/// (what the other tests' listeners use) can be handed it while Redis is
-/// down, nor can a proxy's reconnect attempts connect to themselves on it.
+/// A loopback port for Redis (see [`common::loopback_port`]): a proxy's
+/// reconnect attempts cannot connect to themselves on it while Redis is down.
 pub fn redis_port() -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-        ^ (u64::from(std::process::id()) << 20);
-    for _ in 0..1000 {
-        let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
-        let port = 20_000 + (n % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port between 20000 and 32000");
+    common::loopback_port()
 }
 
 impl RedisServer {
