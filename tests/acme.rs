@@ -843,6 +843,22 @@ async fn a_restart_with_the_cache_makes_no_new_order_or_account() {
         "after a restart with the cache",
     );
 
+    // A reload that leaves [acme] alone keeps its certificate and task: no
+    // temporary certificate in between, no order.
+    proxy.signal("HUP");
+    wait_diagnostic(
+        &setup,
+        &proxy,
+        Duration::from_secs(10),
+        "reload event",
+        |e| message_has(e, "configuration reloaded"),
+    )
+    .await;
+    let (chain, _) = served_chain(setup.https(), DOMAIN_A, &[b"http/1.1"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(serial_hex(&chain[0]), serial, "after a reload");
+
     assert_eq!(
         setup.pebble.accounts(),
         accounts,

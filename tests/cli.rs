@@ -735,3 +735,77 @@ fn check_refuses_each_bad_acme_key_and_creates_nothing() {
         "check created the cache directory"
     );
 }
+
+/// A certificate valid until `not_after` (year, month, day), for `name`,
+/// written as `certs/STEM.pem` and `certs/STEM.key`.
+fn cert_until(dir: &Path, stem: &str, name: &str, not_after: (i32, u8, u8)) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    std::fs::write(dir.join(format!("certs/{stem}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("certs/{stem}.key")), key.serialize_pem()).unwrap();
+}
+
+/// The civil date `days` after 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+#[test]
+fn check_lists_each_certificate_with_its_expiry_and_warns_under_30_days() {
+    let dir = tempfile::tempdir().unwrap();
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400;
+    cert_until(
+        dir.path(),
+        "main",
+        "localhost",
+        civil_from_days(today + 200),
+    );
+    cert_until(
+        dir.path(),
+        "soon",
+        "soon.example.com",
+        civil_from_days(today + 10),
+    );
+    cert_until(dir.path(), "gone", "gone.example.com", (2021, 1, 1));
+    let text = "[server]\nhttps_listen = \"127.0.0.1:0\"\n\n[tls]\ncert = \"certs/main.pem\"\nkey = \"certs/main.key\"\n\n[[tls.sni]]\nserver_name = \"soon.example.com\"\ncert = \"certs/soon.pem\"\nkey = \"certs/soon.key\"\n\n[[tls.sni]]\nserver_name = \"gone.example.com\"\ncert = \"certs/gone.pem\"\nkey = \"certs/gone.key\"\n\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = run(portcullis(&["check", "--config", config.to_str().unwrap()]));
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let line = |label: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("certificate {label}:")))
+            .unwrap_or_else(|| panic!("no line for {label} in:\n{out}"))
+            .to_owned()
+    };
+    let main = line("tls.cert");
+    assert!(
+        main.contains("localhost (expires ") && !main.contains("WARNING"),
+        "{main}"
+    );
+    let soon = line("tls.sni soon.example.com");
+    assert!(soon.contains("WARNING: less than 30 days left"), "{soon}");
+    let gone = line("tls.sni gone.example.com");
+    assert!(
+        gone.contains("2021-01-01T00:00:00Z") && gone.contains("WARNING: expired"),
+        "{gone}"
+    );
+}

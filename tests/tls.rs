@@ -117,6 +117,20 @@ async fn sni_picks_the_extra_certificate() {
         default.get_ref().1.peer_certificates().unwrap()[0],
         proxy.cert.der
     );
+    // Both are watched: seconds left of each, by name (rcgen's default
+    // validity runs to 4096, so far more than a year).
+    let admin = proxy.admin.expect("admin listener");
+    let (status, metrics) = common::plain_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in ["default", "api.example.com"] {
+        let series = format!("portcullis_cert_expiry_seconds{{name=\"{name}\"}} ");
+        let left: f64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"));
+        assert!(left > 365.0 * 86_400.0, "{series}{left}");
+    }
     drop(dir);
 }
 
