@@ -14,8 +14,9 @@
 //! happen while it runs and each 429 is deterministic.
 
 mod common;
+#[path = "common/rate_limit_headers.rs"]
+mod rate_limit_headers;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -25,6 +26,7 @@ use bytes::Bytes;
 use common::{Answer, BIN, Proxy, ProxyConfig, Upstream, eventually, make_cert};
 use http::Method;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rate_limit_headers::{number, params, remaining};
 use serde_json::json;
 
 /// A `1/m` bucket holding 3: nothing refills during a test.
@@ -44,47 +46,6 @@ async fn get(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Answer {
         .client()
         .request(Method::GET, path, headers, Bytes::new())
         .await
-}
-
-/// The parameters of a one-item structured-field list such as
-/// `"default";r=2;t=1` → `{r: 2, t: 1}` (the item's name under `""`).
-fn params(value: &str) -> HashMap<String, String> {
-    let mut parts = value.split(';');
-    let mut out = HashMap::new();
-    out.insert(
-        String::new(),
-        parts.next().unwrap_or_default().trim().to_string(),
-    );
-    for part in parts {
-        if let Some((k, v)) = part.trim().split_once('=') {
-            out.insert(k.to_string(), v.to_string());
-        }
-    }
-    out
-}
-
-fn number(params: &HashMap<String, String>, name: &str, header: &str) -> u64 {
-    params
-        .get(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{header} has no numeric `{name}`: {params:?}"))
-}
-
-/// `RateLimit`'s remaining count (`r`), checking the header is well formed.
-fn remaining(answer: &Answer, what: &str) -> u64 {
-    let value = answer
-        .header("ratelimit")
-        .unwrap_or_else(|| panic!("{what}: no RateLimit header; headers {:?}", answer.headers));
-    let p = params(value);
-    assert!(
-        p[""].starts_with('"') && p[""].ends_with('"'),
-        "{what}: RateLimit names its policy: {value}"
-    );
-    assert!(
-        number(&p, "t", "RateLimit") >= 1,
-        "{what}: RateLimit t: {value}"
-    );
-    number(&p, "r", "RateLimit")
 }
 
 /// A forwarded 200 for `path` carrying `RateLimit` with `r = expected_remaining`.

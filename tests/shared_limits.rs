@@ -27,6 +27,8 @@
 //!   bad `url`, `timeout`, `on_error` or `key_prefix` with `proxy.toml:LINE:COL`.
 
 mod common;
+#[path = "common/rate_limit_headers.rs"]
+mod rate_limit_headers;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
@@ -43,6 +45,7 @@ use common::{Answer, BIN, Proxy, ProxyConfig, Upstream, eventually, make_cert};
 use http::Method;
 use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
+use rate_limit_headers::{number, params, remaining};
 use redis::aio::MultiplexedConnection;
 use redis_server::{RedisServer, redis_port, redis_server_installed, signal};
 
@@ -174,44 +177,6 @@ async fn send(conn: &mut SendRequest<Full<Bytes>>, path: &str, headers: &[(&str,
 
 fn api_key(value: &str) -> [(&str, &str); 1] {
     [("x-api-key", value)]
-}
-
-/// The parameters of a one-item structured-field list such as
-/// `"default";r=2;t=1` → `{r: 2, t: 1}` (the item itself under `""`).
-fn params(value: &str) -> HashMap<String, String> {
-    let mut parts = value.split(';');
-    let mut out = HashMap::new();
-    out.insert(
-        String::new(),
-        parts.next().unwrap_or_default().trim().to_string(),
-    );
-    for part in parts {
-        if let Some((k, v)) = part.trim().split_once('=') {
-            out.insert(k.to_string(), v.to_string());
-        }
-    }
-    out
-}
-
-fn number(params: &HashMap<String, String>, name: &str, header: &str) -> u64 {
-    params
-        .get(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{header} has no numeric `{name}`: {params:?}"))
-}
-
-/// `RateLimit`'s remaining count (`r`), checking the header is well formed.
-fn remaining(answer: &Answer, what: &str) -> u64 {
-    let value = answer
-        .header("ratelimit")
-        .unwrap_or_else(|| panic!("{what}: no RateLimit header; headers {:?}", answer.headers));
-    let p = params(value);
-    assert_eq!(p[""], "\"default\"", "{what}: RateLimit {value}");
-    assert!(
-        number(&p, "t", "RateLimit") >= 1,
-        "{what}: RateLimit {value}"
-    );
-    number(&p, "r", "RateLimit")
 }
 
 /// The upstream's 200 echo of `path`, carrying `RateLimit` with `r = left`
