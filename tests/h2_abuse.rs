@@ -268,14 +268,7 @@ async fn connect_h2(
         socket.set_recv_buffer_size(size).unwrap();
     }
     let tcp = socket.connect(proxy.https).await.unwrap();
-    let config = proxy.client().config(rustls::DEFAULT_VERSIONS, &[b"h2"]);
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .expect("TLS connect");
+    let tls = proxy.client().tls_over(tcp, &[b"h2"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     tls
 }

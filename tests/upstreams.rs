@@ -649,14 +649,7 @@ async fn h1_from(
         .bind(SocketAddr::new(IpAddr::V4(ip), 0))
         .unwrap_or_else(|e| panic!("cannot bind a client socket to {ip}: {e}"));
     let tcp = socket.connect(client.addr).await.unwrap();
-    let config = client.config(rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .expect("TLS connect");
+    let tls = client.tls_over(tcp, &[b"http/1.1"]).await;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(tls))
         .await

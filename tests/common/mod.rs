@@ -378,6 +378,17 @@ impl TlsClient {
             .expect("TLS connect")
     }
 
+    /// TLS over a socket the test connected itself (bound to a chosen
+    /// address, or with small buffers).
+    pub async fn tls_over(&self, tcp: TcpStream, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+        let config = self.config(rustls::DEFAULT_VERSIONS, alpn);
+        let name = ServerName::try_from(self.server_name.clone()).unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("TLS connect")
+    }
+
     /// An HTTP/1.1 connection; send several requests on it.
     pub async fn h1(&self) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
         let tls = self.connect(&[b"http/1.1"]).await;
