@@ -20,7 +20,10 @@
 //!   completes, and new connections get the new certificate;
 //! * two instances sharing one Redis place one order between them, the
 //!   instance that did not order answers the CA's validation, and both
-//!   serve the same certificate.
+//!   serve the same certificate;
+//! * a CA that requires external account binding refuses a proxy without
+//!   it and issues to one with `eab_kid` and the key from the environment,
+//!   which never reaches a log or `check`'s output.
 //!
 //! Each test is skipped (with a note) when Pebble is not installed.
 
@@ -33,6 +36,7 @@ mod redis_server;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -89,6 +93,7 @@ impl Setup {
             http_port: http_port.unwrap_or_else(loopback_port),
             tls_port: https_port,
             validity_secs,
+            eab: None,
         });
         let upstream = Upstream::start().await;
         let work = tempfile::tempdir().unwrap();
@@ -609,6 +614,7 @@ async fn pebble_starts_and_serves_its_directory() {
         http_port: loopback_port(),
         tls_port: loopback_port(),
         validity_secs: Some(3600),
+        eab: None,
     });
     // Prepared, not started: nothing answers on the directory's port.
     assert!(
@@ -1129,6 +1135,7 @@ async fn two_instances_sharing_redis_place_one_order_and_serve_the_same_certific
         http_port: balancer.local_addr().unwrap().port(),
         tls_port: loopback_port(),
         validity_secs: None,
+        eab: None,
     });
     pebble.start().await;
     let upstream = Upstream::start().await;
@@ -1248,4 +1255,119 @@ async fn two_instances_sharing_redis_place_one_order_and_serve_the_same_certific
             "through either instance",
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// g. External account binding
+
+#[tokio::test]
+async fn a_ca_that_requires_external_account_binding_gets_it() {
+    if !pebble::installed() {
+        return;
+    }
+    const KID: &str = "portcullis-test-kid";
+    // base64url of 32 bytes: what a CA hands out as the MAC key.
+    const MAC_KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let https_port = loopback_port();
+    let http_port = loopback_port();
+    let mut pebble = Pebble::new(PebbleOptions {
+        http_port,
+        tls_port: https_port,
+        validity_secs: None,
+        eab: Some((KID, MAC_KEY)),
+    });
+    pebble.start().await;
+    let upstream = Upstream::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let base = InstanceConfig {
+        https_port,
+        http_port: Some(http_port),
+        upstream: upstream.addr,
+        challenge: Challenge::Http01,
+        renew_before: "30d",
+        cache_dir: "acme",
+        extra: "",
+    }
+    .toml(&pebble);
+    let spawn = |toml: String, env: Vec<(String, String)>| {
+        let config_path = work.path().join("proxy.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        async move {
+            let scratch = tempfile::tempdir().unwrap();
+            let unused = make_cert(scratch.path(), "unused", &["localhost"]);
+            Proxy::spawn(scratch, unused, config_path, &env).await
+        }
+    };
+
+    // Without the binding the CA refuses the account: retried, never issued.
+    let mut without = spawn(base.clone(), Vec::new()).await;
+    let failed = wait_metric_at_least(&without, RENEWALS_FAILED, 1.0).await;
+    assert!(
+        failed.is_some_and(|v| v >= 1.0) && obtained(&without.stderr).is_empty(),
+        "{RENEWALS_FAILED} = {failed:?}; stderr:\n{}",
+        tail(&without.stderr_text(), 20)
+    );
+    assert!(
+        diagnostics(&without)
+            .iter()
+            .any(|e| message_has(e, ORDER_FAILED)),
+        "no `{ORDER_FAILED}` event"
+    );
+    without.signal("TERM");
+    without.wait_exit(Duration::from_secs(15)).await;
+
+    let with = format!("{base}eab_kid = \"{KID}\"\neab_hmac_key_env = \"ACME_EAB_KEY\"\n");
+    let env = vec![("ACME_EAB_KEY".to_owned(), MAC_KEY.to_owned())];
+    // `check` names the binding, never the key.
+    std::fs::write(work.path().join("proxy.toml"), &with).unwrap();
+    let check = Command::new(common::BIN)
+        .args(["check", "--config"])
+        .arg(work.path().join("proxy.toml"))
+        .env("ACME_EAB_KEY", MAC_KEY)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(check.status.success(), "check: {printed}");
+    assert!(
+        printed.contains(&format!("external account {KID} (key from $ACME_EAB_KEY)"))
+            && !printed.contains(MAC_KEY),
+        "check: {printed}"
+    );
+
+    let proxy = spawn(with, env).await;
+    let deadline = Instant::now() + FIRST_CERT;
+    while obtained(&proxy.stderr).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no certificate with the binding; stderr:\n{}\nPebble:\n{}",
+            tail(&proxy.stderr_text(), 30),
+            tail(&pebble.log_text(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pebble.root_der().await).unwrap();
+    let client = TlsClient {
+        addr: SocketAddr::from(([127, 0, 0, 1], https_port)),
+        roots: Arc::new(roots),
+        server_name: DOMAIN_A.into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((chain, _)) = served_chain(client.addr, DOMAIN_A, &[b"http/1.1"]).await
+            && verify_chain(&chain, &pebble.root_der().await, DOMAIN_A).is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bound account's certificate is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_echo(&client.get("/bound").await, "/bound", "with the binding");
+    assert!(
+        !proxy.stderr_text().contains(MAC_KEY) && !without.stderr_text().contains(MAC_KEY),
+        "the MAC key reached a log"
+    );
 }

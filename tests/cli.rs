@@ -706,6 +706,21 @@ fn check_refuses_each_bad_acme_key_and_creates_nothing() {
             "\"nobody\"",
             "acme.email",
         ),
+        (
+            "domains = [\"a.example.com\"]\neab_kid = \"kid-1\"",
+            "\"kid-1\"",
+            "acme.eab_kid",
+        ),
+        (
+            "domains = [\"a.example.com\"]\neab_hmac_key_env = \"EAB_KEY\"",
+            "\"EAB_KEY\"",
+            "acme.eab_hmac_key_env",
+        ),
+        (
+            "domains = [\"a.example.com\"]\neab_kid = \"kid-1\"\neab_hmac_key_env = \"PORTCULLIS_TEST_NEVER_SET\"",
+            "\"PORTCULLIS_TEST_NEVER_SET\"",
+            "acme.eab_hmac_key_env",
+        ),
     ];
     for (body, at, key) in cases {
         assert_config_error(&acme(body), at, key);

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, ExternalAccountKey,
+    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
@@ -73,6 +73,10 @@ pub async fn account(
         .as_ref()
         .map(|email| format!("mailto:{email}"));
     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let external = settings
+        .eab
+        .as_ref()
+        .map(|eab| ExternalAccountKey::new(eab.kid.clone(), &eab.hmac_key));
     let (account, credentials) = Account::builder_with_http(Box::new(client.clone()))
         .create(
             &NewAccount {
@@ -81,7 +85,7 @@ pub async fn account(
                 only_return_existing: false,
             },
             settings.directory.clone(),
-            None,
+            external.as_ref(),
         )
         .await
         .context("cannot create the ACME account")?;

@@ -112,8 +112,13 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
                 acme.cache_dir.display()
             ),
         };
+        let eab = acme
+            .eab
+            .as_ref()
+            .map(|eab| format!(", external account {} (key from ${})", eab.kid, eab.key_env))
+            .unwrap_or_default();
         println!(
-            "acme: {} ({}, directory {}, renew {} before expiry; {cached})",
+            "acme: {} ({}, directory {}{eab}, renew {} before expiry; {cached})",
             acme.domains.join(", "),
             acme.challenge.as_str(),
             acme.directory,

@@ -276,6 +276,11 @@ pub struct AcmeSection {
     #[serde(default = "defaults::acme_renew_before")]
     pub renew_before: DurationValue,
     pub directory_ca: Option<String>,
+    /// External account binding (ZeroSSL, Google, a corporate CA): the key
+    /// id the CA gave, and the environment variable holding its base64url
+    /// MAC key (a secret, so never in the file).
+    pub eab_kid: Option<String>,
+    pub eab_hmac_key_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

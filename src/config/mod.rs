@@ -267,6 +267,27 @@ pub struct Acme {
     pub renew_before: Duration,
     /// Extra roots trusted for the directory's HTTPS only (a test CA).
     pub directory_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// External account binding, for a CA that requires it.
+    pub eab: Option<ExternalAccount>,
+}
+
+/// `eab_kid` and the MAC key read from `eab_hmac_key_env`.
+#[derive(Clone, PartialEq)]
+pub struct ExternalAccount {
+    pub kid: String,
+    /// The environment variable the key came from, for `check`.
+    pub key_env: String,
+    pub hmac_key: Vec<u8>,
+}
+
+/// The key never reaches a log, even through `{:?}`.
+impl fmt::Debug for ExternalAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExternalAccount")
+            .field("kid", &self.kid)
+            .field("key_env", &self.key_env)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

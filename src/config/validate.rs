@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use base64::Engine as _;
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use rustls::sign::CertifiedKey;
@@ -17,8 +18,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::file::{self, FileConfig};
 use super::{
-    Acme, AcmeChallenge, Balance, Config, Eject, HeaderRules, HealthCheck, Jwt, Log, Redis, Route,
-    Server, ServerAddress, SniCert, Tls, TlsVersion, Upstream,
+    Acme, AcmeChallenge, Balance, Config, Eject, ExternalAccount, HeaderRules, HealthCheck, Jwt,
+    Log, Redis, Route, Server, ServerAddress, SniCert, Tls, TlsVersion, Upstream,
 };
 use crate::filters::cookies::{CookiePolicy, SameSite};
 use crate::policy::claims::{ClaimRule, ClaimValue};
@@ -840,7 +841,49 @@ fn acme(s: &file::AcmeSection, base_dir: &Path) -> Result<Acme> {
         }
         None => Vec::new(),
     };
+    let eab = match (&s.eab_kid, &s.eab_hmac_key_env) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "acme.eab_kid",
+                "needs eab_hmac_key_env (the variable holding the CA's MAC key)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "acme.eab_hmac_key_env",
+                "needs eab_kid (the key id the CA gave with the MAC key)",
+            ));
+        }
+        (Some(kid), Some(env)) => {
+            if kid.trim().is_empty() {
+                return Err(invalid("acme.eab_kid", "must not be empty"));
+            }
+            let value = std::env::var(env).map_err(|_| {
+                invalid(
+                    "acme.eab_hmac_key_env",
+                    format!("the environment variable {env} is not set (or not UTF-8)"),
+                )
+            })?;
+            let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(value.trim().trim_end_matches('='))
+                .ok()
+                .filter(|key| !key.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "acme.eab_hmac_key_env",
+                        format!("{env} does not hold a base64url MAC key"),
+                    )
+                })?;
+            Some(ExternalAccount {
+                kid: kid.clone(),
+                key_env: env.clone(),
+                hmac_key,
+            })
+        }
+    };
     Ok(Acme {
+        eab,
         domains,
         email: s.email.clone(),
         directory: s.directory.clone(),

@@ -65,6 +65,9 @@ pub struct PebbleOptions {
     pub tls_port: u16,
     /// `certificateValidityPeriod` in seconds; Pebble's default when `None`.
     pub validity_secs: Option<u64>,
+    /// External account binding required, with this key id and base64url
+    /// MAC key.
+    pub eab: Option<(&'static str, &'static str)>,
 }
 
 pub struct Pebble {
@@ -118,6 +121,10 @@ impl Pebble {
         });
         if let Some(secs) = options.validity_secs {
             settings["certificateValidityPeriod"] = secs.into();
+        }
+        if let Some((kid, key)) = options.eab {
+            settings["externalAccountBindingRequired"] = true.into();
+            settings["externalAccountMACKeys"] = serde_json::json!({ kid: key });
         }
         let config = serde_json::json!({ "pebble": settings });
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
