@@ -169,12 +169,32 @@ impl Renewal {
             if let Ok(wait) = due.duration_since(now)
                 && !wait.is_zero()
             {
-                if let (Some(info), Some(account)) = (&served.info, &account) {
+                if let Some(info) = &served.info {
                     let stale = ari.as_ref().is_none_or(|(serial, asked, _)| {
                         *serial != info.serial || asked.elapsed() >= ARI_RECHECK
                     });
                     if stale {
-                        let window = renewal_window(account, info).await;
+                        // A process that started with a cached certificate
+                        // has no account loaded yet; ARI (a revocation, a
+                        // CA incident) matters most for exactly that one.
+                        if account.is_none() {
+                            account = self.load_account().await;
+                        }
+                        let window = match &account {
+                            Some(account) => renewal_window(account, info).await,
+                            None => None,
+                        };
+                        if let Some((start, end)) = window
+                            && schedule::renew_at(info, self.settings.renew_before, None, window)
+                                < schedule::renew_at(info, self.settings.renew_before, None, None)
+                        {
+                            tracing::info!(
+                                serial = %info.serial_hex(),
+                                window_start = %humantime::format_rfc3339_seconds(start),
+                                window_end = %humantime::format_rfc3339_seconds(end),
+                                "acme: the CA suggests renewing early (ARI)"
+                            );
+                        }
                         ari = Some((info.serial.clone(), Instant::now(), window));
                         continue;
                     }
@@ -317,19 +337,35 @@ impl Renewal {
         }
     }
 
+    /// The account, for asking the CA's renewal information; `None` (and
+    /// asked again after [`ARI_RECHECK`]) while the CA cannot be reached.
+    async fn load_account(&self) -> Option<Account> {
+        match self.account().await {
+            Ok(account) => Some(account),
+            Err(error) => {
+                tracing::debug!(error = %format!("{error:#}"), "acme: no account for renewal information");
+                None
+            }
+        }
+    }
+
+    async fn account(&self) -> anyhow::Result<Account> {
+        let (account, created) = order::account(
+            &self.settings,
+            &self.cache,
+            &self.client,
+            self.certs.shared(),
+        )
+        .await?;
+        if created {
+            tracing::info!(directory = %self.settings.directory, "acme: account created");
+        }
+        Ok(account)
+    }
+
     async fn order(&self, account: &mut Option<Account>) -> anyhow::Result<Obtained> {
         if account.is_none() {
-            let (new, created) = order::account(
-                &self.settings,
-                &self.cache,
-                &self.client,
-                self.certs.shared(),
-            )
-            .await?;
-            if created {
-                tracing::info!(directory = %self.settings.directory, "acme: account created");
-            }
-            *account = Some(new);
+            *account = Some(self.account().await?);
         }
         let Some(account) = account.as_ref() else {
             anyhow::bail!("no ACME account");
