@@ -17,6 +17,7 @@ pub mod filters;
 pub mod forward;
 pub mod h2_flood;
 pub mod linger;
+pub mod outbound_tls;
 pub mod path;
 pub mod pipeline;
 pub mod policy;

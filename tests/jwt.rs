@@ -1104,6 +1104,66 @@ async fn connection_naming_an_identity_header_does_not_stop_the_verified_value()
 // jwks_url
 // ---------------------------------------------------------------------------
 
+/// An `https://` `jwks_url` is checked against the system's trusted roots:
+/// a server whose certificate the proxy does not trust gives it no keys
+/// (and the diagnostic says why); the same server trusted through
+/// `SSL_CERT_FILE` (as OpenSSL-based tools honour it) does.
+#[tokio::test]
+async fn jwks_url_over_https_is_checked_against_the_trusted_roots() {
+    let upstream = Upstream::start().await;
+    let key = TestKey::p256();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = common::make_cert(dir.path(), "jwks", &["localhost"]);
+    let acceptor = {
+        use rustls::pki_types::pem::PemObject as _;
+        let chain = vec![cert.der.clone()];
+        let key_pem = std::fs::read(&cert.key_path).unwrap();
+        let private = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    };
+    let server = JwksServer::start_tls(jwks(&[key.jwk("k1")]), acceptor).await;
+    assert!(
+        server.url.starts_with("https://localhost:"),
+        "{}",
+        server.url
+    );
+    let token = key.token(Some("k1"), &claims());
+
+    let untrusted = start(&upstream, &jwks_url_config(&server.url, "1h"), ADMIN).await;
+    let answer = bearer(&untrusted, &token).await;
+    assert_ne!(
+        answer.status, 200,
+        "a key from an untrusted server was used"
+    );
+    assert_eq!(upstream.count(), 0);
+    let failed = eventually(Duration::from_secs(10), || {
+        untrusted
+            .stderr_text()
+            .lines()
+            .any(|l| l.contains("JWKS fetch failed") && l.contains("TLS"))
+    })
+    .await;
+    assert!(
+        failed,
+        "no TLS failure logged:\n{}",
+        untrusted.stderr_text()
+    );
+    drop(untrusted);
+
+    let mut trusted_config = config(&jwks_url_config(&server.url, "1h"), ADMIN);
+    trusted_config
+        .env
+        .push(("SSL_CERT_FILE".into(), cert.cert_path.display().to_string()));
+    let trusted = Proxy::start(upstream.addr, trusted_config).await;
+    let answer = bearer(&trusted, &token).await;
+    assert_accepted(&answer, &upstream, 0, "alice", "k1 over https");
+    assert!(server.hits() >= 1);
+}
+
 fn jwks_url_config(url: &str, refresh: &str) -> String {
     format!("algorithms = [\"ES256\"]\njwks_url = \"{url}\"\njwks_refresh = \"{refresh}\"")
 }

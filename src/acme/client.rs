@@ -1,12 +1,12 @@
 //! The HTTP client instant-acme talks to the CA with: one HTTP/1.1
-//! exchange per connection over rustls, trusting the system's roots plus
-//! `directory_ca`. Ours rather than instant-acme's hyper-rustls client so
-//! that `directory_ca` adds to the system's roots (theirs replaces them),
-//! and so the tree gains no second TLS stack configuration.
+//! exchange per connection over rustls ([`crate::outbound_tls`]), trusting
+//! the system's roots plus `directory_ca`. Ours rather than instant-acme's
+//! hyper-rustls client so that `directory_ca` adds to the system's roots
+//! (theirs replaces them), and so the tree gains no second TLS stack
+//! configuration.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +15,6 @@ use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::rt::TokioIo;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -33,23 +32,8 @@ pub struct DirectoryClient {
 
 impl DirectoryClient {
     pub fn new(extra_roots: &[CertificateDer<'static>]) -> anyhow::Result<Self> {
-        let mut roots = RootCertStore::empty();
-        // A system store that cannot be read leaves `directory_ca` alone
-        // trusted; the first exchange then says which certificate failed.
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        for cert in extra_roots {
-            roots.add(cert.clone())?;
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(DirectoryClient {
-            tls: TlsConnector::from(Arc::new(config)),
+            tls: crate::outbound_tls::connector(extra_roots)?,
         })
     }
 }

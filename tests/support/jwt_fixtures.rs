@@ -86,43 +86,41 @@ pub struct JwksServer {
 
 impl JwksServer {
     pub async fn start(document: Vec<u8>) -> JwksServer {
+        Self::start_with(document, None).await
+    }
+
+    /// The same over TLS with `tls` (its certificate names `localhost`):
+    /// the URL is `https://localhost:PORT/...`.
+    pub async fn start_tls(document: Vec<u8>, tls: tokio_rustls::TlsAcceptor) -> JwksServer {
+        Self::start_with(document, Some(tls)).await
+    }
+
+    async fn start_with(document: Vec<u8>, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/.well-known/jwks.json",
-            listener.local_addr().unwrap()
-        );
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/.well-known/jwks.json"),
+            None => format!("http://127.0.0.1:{port}/.well-known/jwks.json"),
+        };
         let answer = Arc::new(Mutex::new((200u16, document)));
         let hits = Arc::new(AtomicUsize::new(0));
         let (shared_answer, counter) = (answer.clone(), hits.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
+                let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
                 let (shared_answer, counter) = (shared_answer.clone(), counter.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                    match tls {
+                        None => answer_one(sock, &shared_answer, &counter).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(sock).await {
+                                answer_one(stream, &shared_answer, &counter).await;
+                            }
                         }
                     }
-                    let (status, body) =
-                        if request.starts_with(b"GET /.well-known/jwks.json HTTP/1.1\r\n") {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            shared_answer.lock().unwrap().clone()
-                        } else {
-                            (404, b"{}".to_vec())
-                        };
-                    let head = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = sock.write_all(head.as_bytes()).await;
-                    let _ = sock.write_all(&body).await;
-                    let _ = sock.shutdown().await;
                 });
             }
         });
@@ -161,4 +159,33 @@ impl Drop for JwksServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Reads one request head and answers it: the JWKS path with the current
+/// answer (counted), anything else with 404.
+async fn answer_one<S>(mut sock: S, answer: &Mutex<(u16, Vec<u8>)>, hits: &AtomicUsize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let (status, body) = if request.starts_with(b"GET /.well-known/jwks.json HTTP/1.1\r\n") {
+        hits.fetch_add(1, Ordering::SeqCst);
+        answer.lock().unwrap().clone()
+    } else {
+        (404, b"{}".to_vec())
+    };
+    let head = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = sock.write_all(head.as_bytes()).await;
+    let _ = sock.write_all(&body).await;
+    let _ = sock.shutdown().await;
 }

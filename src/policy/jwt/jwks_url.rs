@@ -1,6 +1,8 @@
 //! `jwks_url`: the URL checked once at load, and the [`KeySource`] that
 //! fetches it — one HTTP/1.1 GET per fetch, the body decoded as a JWKS.
-//! Plain `http://` only for now.
+//! `https://` is checked against the system's trusted roots
+//! ([`crate::outbound_tls`]); `http://` is for an identity provider on a
+//! trusted network.
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONNECTION, HOST, USER_AGENT};
@@ -21,6 +23,7 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 pub(super) struct JwksUrl {
     /// As configured, for logs.
     pub(super) text: String,
+    https: bool,
     /// Host to connect to, IPv6 brackets removed.
     host: String,
     port: u16,
@@ -32,13 +35,11 @@ pub(super) struct JwksUrl {
 pub(super) fn parse_jwks_url(text: &str) -> Result<JwksUrl, JwtConfigError> {
     let bad = |why: &str| config_err("jwks_url", format!("\"{text}\" {why}"));
     let uri: Uri = text.parse().map_err(|_| bad("is not a valid URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(config_err("jwks_url", "https is not supported yet"));
-        }
-        _ => return Err(bad("must start with http://")),
-    }
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(bad("must start with https:// or http://")),
+    };
     let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
     if authority.as_str().contains('@') {
         return Err(bad("must not contain credentials"));
@@ -51,10 +52,14 @@ pub(super) fn parse_jwks_url(text: &str) -> Result<JwksUrl, JwtConfigError> {
     if host.is_empty() {
         return Err(bad("has no host"));
     }
+    if https && rustls_pki_types::ServerName::try_from(host).is_err() {
+        return Err(bad("has no host name a certificate can be checked for"));
+    }
     Ok(JwksUrl {
         text: text.to_string(),
+        https,
         host: host.to_string(),
-        port: authority.port_u16().unwrap_or(80),
+        port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
         authority: authority.as_str().to_string(),
         path_and_query: uri
             .path_and_query()
@@ -70,6 +75,23 @@ async fn http_get(url: &JwksUrl, max_bytes: usize) -> Result<Bytes, String> {
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
+    if !url.https {
+        return get_over(stream, url, max_bytes).await;
+    }
+    let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| format!("TLS: {e}"))?;
+    let tls = crate::outbound_tls::system_connector()
+        .map_err(|e| format!("TLS: {e}"))?
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    get_over(tls, url, max_bytes).await
+}
+
+async fn get_over<S>(stream: S, url: &JwksUrl, max_bytes: usize) -> Result<Bytes, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -157,8 +179,11 @@ mod tests {
 
     #[test]
     fn url_refusals() {
-        let e = parse_jwks_url("https://auth.example.com/jwks.json").unwrap_err();
-        assert_eq!(e.to_string(), "jwks_url: https is not supported yet");
+        let url = parse_jwks_url("https://auth.example.com/jwks.json").unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.https),
+            ("auth.example.com", 443, true)
+        );
         for bad in [
             "ftp://x/y",
             "not a url",

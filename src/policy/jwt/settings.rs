@@ -504,8 +504,12 @@ mod tests {
     fn config_jwks_url_rules() {
         // Which URLs are refused is jwks_url.rs's to test.
         let mut s = settings(&["RS256"]);
-        s.jwks_url = Some("https://auth.example.com/jwks.json".into());
-        assert_refused(s, "jwks_url", "https is not supported yet");
+        s.jwks_url = Some("ftp://auth.example.com/jwks.json".into());
+        assert_refused(
+            s,
+            "jwks_url",
+            "\"ftp://auth.example.com/jwks.json\" must start with",
+        );
 
         let mut s = settings(&["RS256"]);
         s.jwks_url = Some("http://[::1]:4000/.well-known/jwks.json?x=1".into());
