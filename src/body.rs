@@ -112,13 +112,6 @@ impl ResponseBody {
         }));
         self
     }
-
-    fn is_complete(&self) -> bool {
-        match &self.inner {
-            Inner::Upstream(body) => body.is_end_stream(),
-            Inner::Full(bytes) => bytes.is_none(),
-        }
-    }
 }
 
 /// Whether hyper sends a body with this response (RFC 9110 §6.4.1).
@@ -131,7 +124,7 @@ impl Drop for ResponseBody {
         // Still logging: the body neither ended nor failed.
         if let Some(log) = &self.log
             && log.has_content
-            && !self.is_complete()
+            && !self.is_end_stream()
             && let Some(in_flight) = &log.in_flight
         {
             in_flight.activity().note_cancelled();
@@ -165,14 +158,19 @@ impl Body for ResponseBody {
         // Log as soon as the body is complete (hyper stops polling once
         // `is_end_stream` says so) or has failed (the upstream's fault, not
         // the client's), not when hyper gets round to dropping it.
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_complete() {
+        if this.log.is_some()
+            && (matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.is_end_stream())
+        {
             this.log = None;
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.is_complete()
+        match &self.inner {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Full(bytes) => bytes.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -125,12 +125,7 @@ impl Runtime {
             )?),
             (None, _) => None,
         };
-        let tls = TlsAcceptor::from(crate::tls::server_config(
-            &config.tls,
-            acme.as_ref()
-                .zip(config.acme.as_ref())
-                .map(|(manager, settings)| (&manager.certs, settings.challenge)),
-        )?);
+        let tls = TlsAcceptor::from(crate::tls::server_config(&config.tls, acme.as_deref())?);
         let static_certs = static_cert_expiries(&config.tls);
         let routes = config
             .routes

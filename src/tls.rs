@@ -5,8 +5,9 @@
 //! names pick a certificate from `[[tls.sni]]`, then ACME's for its domains,
 //! falling back to the default one (`tls.cert`, else ACME's). A handshake
 //! that offers only the `acme-tls/1` protocol is a CA validating a
-//! tls-alpn-01 challenge and gets that challenge's certificate. Session tickets and a session cache are on, so returning clients
-//! resume instead of paying for a full handshake.
+//! tls-alpn-01 challenge and gets that challenge's certificate. Session
+//! tickets and a session cache are on, so returning clients resume instead
+//! of paying for a full handshake.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 
-use crate::acme::{ACME_TLS_ALPN, AcmeCerts};
-use crate::config::{Tls, TlsVersion};
+use crate::acme::{ACME_TLS_ALPN, AcmeCerts, AcmeManager};
+use crate::config::{AcmeChallenge, Tls, TlsVersion};
 
 /// Chooses the certificate by SNI name; the default for unknown or absent names.
 struct SniResolver {
@@ -37,27 +38,31 @@ impl std::fmt::Debug for SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name();
-        if let Some(acme) = &self.acme {
-            let validating = hello
-                .alpn()
-                .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
-            if validating {
-                // Only the challenge certificate; none (no handshake) when
-                // no order of ours is waiting on this name.
-                return acme.alpn_cert(name?);
-            }
-            if let Some(cert) = name.and_then(|n| self.by_name.get(n)) {
-                return Some(cert.clone());
-            }
-            if name.is_some_and(|n| acme.serves(n)) || self.default.is_none() {
-                return Some(acme.current_key());
-            }
-            return self.default.clone();
+        if let Some(acme) = &self.acme
+            && offers_only_acme_tls(&hello)
+        {
+            // Only the challenge certificate; none (no handshake) when no
+            // order of ours is waiting on this name.
+            return acme.alpn_cert(name?);
         }
-        name.and_then(|n| self.by_name.get(n))
-            .or(self.default.as_ref())
-            .cloned()
+        if let Some(cert) = name.and_then(|n| self.by_name.get(n)) {
+            return Some(cert.clone());
+        }
+        match &self.acme {
+            Some(acme) if self.default.is_none() || name.is_some_and(|n| acme.serves(n)) => {
+                Some(acme.current_key())
+            }
+            _ => self.default.clone(),
+        }
     }
+}
+
+/// A tls-alpn-01 validator offers `acme-tls/1` and nothing else (RFC 8737
+/// §3); a client that also offers `h2` negotiates `h2` as usual.
+fn offers_only_acme_tls(hello: &ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut offered| {
+        offered.next() == Some(ACME_TLS_ALPN) && offered.all(|p| p == ACME_TLS_ALPN)
+    })
 }
 
 /// The suites offered, best first. AES-128-GCM with SHA-256 leads: as
@@ -85,7 +90,7 @@ static PREFERRED_CIPHER_SUITES: &[rustls::SupportedCipherSuite] = {
 /// versions, which a validated [`Tls`] never asks for.
 pub fn server_config(
     tls: &Tls,
-    acme: Option<(&Arc<AcmeCerts>, crate::config::AcmeChallenge)>,
+    acme: Option<&AcmeManager>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: PREFERRED_CIPHER_SUITES.to_vec(),
@@ -102,14 +107,14 @@ pub fn server_config(
             .iter()
             .map(|sni| (sni.server_name.clone(), sni.cert.clone()))
             .collect(),
-        acme: acme.map(|(certs, _)| certs.clone()),
+        acme: acme.map(|manager| manager.certs.clone()),
     };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.clone();
-    if let Some((_, crate::config::AcmeChallenge::TlsAlpn01)) = acme {
+    if acme.is_some_and(|manager| manager.settings().challenge == AcmeChallenge::TlsAlpn01) {
         // Last: a client offering h2 or http/1.1 still gets it, and the
         // validator, which offers nothing else, gets this.
         config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());

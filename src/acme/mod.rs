@@ -112,6 +112,10 @@ impl AcmeManager {
         }))
     }
 
+    pub fn settings(&self) -> &Acme {
+        &self.settings
+    }
+
     /// Whether this manager was started for these settings (a reload keeps
     /// it then).
     pub fn started_for(&self, settings: &Acme, redis: Option<&Redis>) -> bool {
@@ -213,14 +217,12 @@ impl Renewal {
                         continue;
                     }
                     Err(error) if failures < LOCK_ATTEMPTS => {
-                        failures = failures.saturating_add(1);
-                        let retry = schedule::retry_after(failures);
-                        tracing::warn!(
-                            error = %format!("{error:#}"),
-                            retry_in_secs = retry.as_secs(),
-                            "acme: cannot take the renewal lock in Redis; retrying"
-                        );
-                        tokio::time::sleep(retry).await;
+                        back_off(
+                            &mut failures,
+                            &error,
+                            "cannot take the renewal lock in Redis",
+                        )
+                        .await;
                         continue;
                     }
                     Err(error) => {
@@ -278,18 +280,11 @@ impl Renewal {
                     self.certs.install(obtained.key, obtained.info);
                 }
                 Err(error) => {
-                    failures = failures.saturating_add(1);
                     account = None;
                     self.renewals
                         .get_or_create(&ResultLabels { result: "failure" })
                         .inc();
-                    let retry = schedule::retry_after(failures);
-                    tracing::warn!(
-                        error = %format!("{error:#}"),
-                        retry_in_secs = retry.as_secs(),
-                        "acme: order failed; retrying"
-                    );
-                    tokio::time::sleep(retry).await;
+                    back_off(&mut failures, &error, "order failed").await;
                 }
             }
         }
@@ -372,6 +367,19 @@ impl Renewal {
         };
         order::obtain(&self.settings, account, &self.certs, &self.cache).await
     }
+}
+
+/// Counts one more failure in a row, says so, and waits before the next
+/// try (1 s, doubling, at most a minute).
+async fn back_off(failures: &mut u32, error: &anyhow::Error, what: &str) {
+    *failures = failures.saturating_add(1);
+    let retry = schedule::retry_after(*failures);
+    tracing::warn!(
+        error = %format!("{error:#}"),
+        retry_in_secs = retry.as_secs(),
+        "acme: {what}; retrying"
+    );
+    tokio::time::sleep(retry).await;
 }
 
 /// The CA's suggested window for the served certificate: its serial, when

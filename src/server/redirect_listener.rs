@@ -1,8 +1,8 @@
 //! The plain-HTTP listener (`http_listen`): every request gets a 308 to the
 //! same URL on HTTPS, built by [`crate::redirect`], except, with `[acme]`,
-//! the CA's http-01 validations under `/.well-known/acme-challenge/`. It runs on the control
-//! thread's runtime, beside the admin listener, and drains with the rest on
-//! shutdown.
+//! the CA's http-01 validations under `/.well-known/acme-challenge/`. It
+//! runs on the control thread's runtime, beside the admin listener, and
+//! drains with the rest on shutdown.
 
 use std::sync::Arc;
 
