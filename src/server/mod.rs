@@ -52,6 +52,37 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     Ok(socket.into())
 }
 
+/// How long the kernel holds a connection whose client has sent nothing
+/// before handing it to us anyway (rounded to its SYN-ACK retransmissions).
+const DEFER_ACCEPT_SECONDS: libc::c_int = 1;
+
+/// TCP_DEFER_ACCEPT, on the HTTPS listeners: a connection is accepted
+/// once its first bytes have arrived, not at the end of the TCP handshake.
+/// A TLS client speaks first, so the worker is woken once per new
+/// connection with the ClientHello already readable, instead of once to
+/// accept and again when the hello arrives; a client that connects and
+/// sends nothing costs the proxy nothing until the deadline (nginx's
+/// `deferred`, HAProxy's `defer-accept`). The redirect and admin listeners,
+/// off the hot path, go without: a silent connection takes one of their
+/// slots at once, which is what their own caps are about.
+fn defer_accept(socket: &impl std::os::fd::AsRawFd, seconds: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: a valid socket descriptor, and a c_int option of its size.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// One listener per worker on the same address.
 ///
 /// `SO_REUSEPORT` would as readily share the port with another process
@@ -65,7 +96,10 @@ fn bind_workers(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net
     drop(alone);
     let mut listeners = Vec::with_capacity(workers);
     for _ in 0..workers {
-        listeners.push(bind(actual, true).with_context(|| format!("cannot listen on {actual}"))?);
+        let listener = bind(actual, true).with_context(|| format!("cannot listen on {actual}"))?;
+        defer_accept(&listener, DEFER_ACCEPT_SECONDS)
+            .with_context(|| format!("cannot set TCP_DEFER_ACCEPT on {actual}"))?;
+        listeners.push(listener);
     }
     Ok(listeners)
 }
