@@ -354,11 +354,18 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Notes reads for the header timer; otherwise a pass-through.
+/// Notes reads for the header timer, and closes quietly after a client
+/// that vanished; otherwise a pass-through.
 pub struct ActivityIo<IO> {
     io: IO,
     activity: Arc<Activity>,
     _slot: Option<ConnectionSlot>,
+    /// A read failed: the client closed without close_notify, reset, or
+    /// broke the protocol. Nobody is left to read a close_notify, and on a
+    /// closed socket sending one only provokes a reset, so the close is a
+    /// plain one (nginx does the same). A client that did send close_notify
+    /// still gets one back (RFC 8446 §6.1).
+    peer_gone: bool,
 }
 
 impl<IO> ActivityIo<IO> {
@@ -367,6 +374,7 @@ impl<IO> ActivityIo<IO> {
             io,
             activity,
             _slot: None,
+            peer_gone: false,
         }
     }
 
@@ -392,8 +400,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ActivityIo<IO> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.on_read();
+        match &polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.activity.on_read(),
+            Poll::Ready(Err(_)) => self.peer_gone = true,
+            _ => {}
         }
         polled
     }
@@ -434,6 +444,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ActivityIo<IO> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.peer_gone {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

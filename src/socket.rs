@@ -12,7 +12,7 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -32,16 +32,105 @@ pub fn poll_write_slices<W: AsyncWrite + ?Sized>(
 }
 
 /// A client's TCP socket under TLS: a `TcpStream` whose vectored writes go
-/// through [`poll_write_slices`].
+/// through [`poll_write_slices`], and which sends a new connection's TLS
+/// 1.3 session tickets together with the first answer.
+///
+/// rustls queues the tickets the moment it reads the client's Finished, and
+/// tokio-rustls flushes them before the handshake future completes: one
+/// more send(2) per connection, and one more wake-up of a client that only
+/// waits for its answer (nginx and h2o write them alone too). So writes
+/// made during the handshake are held, and leave as soon as the handshake
+/// would otherwise wait for the client (its next read finds nothing): the
+/// server's flight goes out exactly when it did before. What the finished
+/// handshake leaves behind, the tickets, may then wait for the first write,
+/// shutdown or close after it, when the caller knows the client is not
+/// waiting for them (see [`ClientSocket::handshake_done`]).
 pub struct ClientSocket {
     tcp: TcpStream,
     /// Close with a reset, without draining what the client still sends.
     reset: bool,
+    /// The client's FIN was read: nothing it sent is left unread, so the
+    /// close needs neither a lingering drain nor a separate shutdown(2)
+    /// (close(2) sends our FIN after what is queued all the same).
+    read_closed: bool,
+    /// TLS records written but not yet sent (see above).
+    held: Vec<u8>,
+    hold: Hold,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Handshaking: writes are held until a read would wait.
+    UntilReadWaits,
+    /// Handshake done: what is held leaves with the next write.
+    UntilNextWrite,
+    /// Nothing is held any more.
+    Never,
 }
 
 impl ClientSocket {
     pub fn new(tcp: TcpStream) -> Self {
-        ClientSocket { tcp, reset: false }
+        ClientSocket {
+            tcp,
+            reset: false,
+            read_closed: false,
+            held: Vec::new(),
+            hold: Hold::UntilReadWaits,
+        }
+    }
+
+    /// Called once the TLS handshake is complete: what is still held leaves
+    /// with the next write, shutdown or close, or now with [`Self::send_held`].
+    pub fn handshake_done(&mut self) {
+        self.hold = Hold::UntilNextWrite;
+    }
+
+    /// Sends what is held now.
+    pub async fn send_held(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_send_held(cx)).await
+    }
+
+    /// Sends what is held; `Ready(Ok)` once it is all gone.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &self.held) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.held.drain(..n);
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.hold != Hold::UntilReadWaits {
+            self.hold = Hold::Never;
+            self.held = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `bufs` after what is held, in one system call when it can.
+    fn poll_write_after_held(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let wanted: usize = bufs.iter().map(|buf| buf.len()).sum();
+        if !self.held.is_empty() && wanted > 0 {
+            let mut slices = Vec::with_capacity(bufs.len() + 1);
+            slices.push(IoSlice::new(&self.held));
+            slices.extend(bufs.iter().map(|buf| IoSlice::new(buf)));
+            let written = ready!(Pin::new(&mut self.tcp).poll_write_vectored(cx, &slices))?;
+            if written > self.held.len() {
+                let ours = written - self.held.len();
+                self.hold = Hold::Never;
+                self.held = Vec::new();
+                return Poll::Ready(Ok(ours));
+            }
+            self.held.drain(..written);
+        }
+        ready!(self.poll_send_held(cx))?;
+        poll_write_slices(Pin::new(&mut self.tcp), cx, bufs)
     }
 }
 
@@ -70,7 +159,14 @@ impl Drop for ClientSocket {
             // SO_LINGER 0: the close sends a reset and discards what is queued.
             let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(std::time::Duration::ZERO));
         } else {
-            crate::linger::before_close(&self.tcp);
+            if !self.held.is_empty() && !self.read_closed {
+                // Best effort: a handshake's last records (an alert, say)
+                // that never met a read or write after them.
+                let _ = self.tcp.try_write(&self.held);
+            }
+            if !self.read_closed {
+                crate::linger::before_close(&self.tcp);
+            }
         }
     }
 }
@@ -81,17 +177,29 @@ impl AsyncRead for ClientSocket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let room = buf.remaining();
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        match polled {
+            Poll::Ready(Ok(())) if room > 0 && buf.remaining() == room => self.read_closed = true,
+            Poll::Pending if self.hold == Hold::UntilReadWaits && !self.held.is_empty() => {
+                // About to wait for the client: what it waits for goes now.
+                if let Poll::Ready(Err(error)) = self.poll_send_held(cx) {
+                    return Poll::Ready(Err(error));
+                }
+            }
+            _ => {}
+        }
+        polled
     }
 }
 
 impl AsyncWrite for ClientSocket {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -99,7 +207,17 @@ impl AsyncWrite for ClientSocket {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        poll_write_slices(Pin::new(&mut self.tcp), cx, bufs)
+        let this = &mut *self;
+        match this.hold {
+            Hold::UntilReadWaits => {
+                for buf in bufs {
+                    this.held.extend_from_slice(buf);
+                }
+                Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()))
+            }
+            Hold::UntilNextWrite => this.poll_write_after_held(cx, bufs),
+            Hold::Never => poll_write_slices(Pin::new(&mut this.tcp), cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -107,10 +225,17 @@ impl AsyncWrite for ClientSocket {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Not what is held: hyper flushes on every turn, and the tickets are
+        // to wait for an answer. Nothing the caller needs delivered is held
+        // (the handshake's own flight leaves before any wait for the client).
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_held(cx))?;
+        if self.read_closed {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }

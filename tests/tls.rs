@@ -226,3 +226,143 @@ async fn the_server_picks_the_cipher_suite_by_its_own_order() {
         CipherSuite::TLS13_AES_256_GCM_SHA384
     );
 }
+
+/// One connection of a blocking rustls client sharing `config`'s session
+/// store: `early` is written before the handshake, so it leaves in the same
+/// write as the client's Finished (as a browser's first request usually
+/// does). With `early`, reads to the end of the answer; without, reads
+/// until the session tickets have arrived. Every read has a 5 s deadline,
+/// so anything the proxy holds back fails the test instead of hanging it.
+fn blocking_connection(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    early: Option<&[u8]>,
+) -> (rustls::HandshakeKind, Vec<u8>) {
+    use std::io::{Read, Write};
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    if let Some(early) = early {
+        conn.writer().write_all(early).unwrap();
+    }
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("handshake");
+    }
+    let kind = conn.handshake_kind().unwrap();
+    let mut answer = Vec::new();
+    if early.is_some() {
+        rustls::Stream::new(&mut conn, &mut tcp)
+            .read_to_end(&mut answer)
+            .expect("the answer, then close_notify");
+    } else if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+        // The tickets are the only thing the proxy sends now.
+        conn.read_tls(&mut tcp)
+            .expect("session tickets without a request");
+        conn.process_new_packets().unwrap();
+    }
+    (kind, answer)
+}
+
+async fn resumes(
+    addr: std::net::SocketAddr,
+    config: rustls::ClientConfig,
+    early: Option<&'static [u8]>,
+) -> (rustls::HandshakeKind, rustls::HandshakeKind, Vec<u8>) {
+    let config = std::sync::Arc::new(config);
+    tokio::task::spawn_blocking(move || {
+        let (first, answer) = blocking_connection(addr, config.clone(), early);
+        let (second, _) = blocking_connection(addr, config, early);
+        (first, second, answer)
+    })
+    .await
+    .unwrap()
+}
+
+/// The proxy sends a new connection's TLS 1.3 session tickets together with
+/// its first answer when the request came with the client's Finished; they
+/// must still arrive, and a second connection must resume with them.
+#[tokio::test]
+async fn tls13_tickets_held_for_the_first_answer_still_arrive_and_resume() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let config = proxy
+        .client()
+        .config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    let request: &[u8] = b"GET /early HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (first, second, answer) = resumes(proxy.https, config, Some(request)).await;
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    assert_eq!(second, rustls::HandshakeKind::Resumed);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.last().target, "/early");
+    assert_eq!(upstream.count(), 2);
+}
+
+/// A client that sends nothing after the handshake (a resumption check such
+/// as `openssl s_client -sess_out`) gets its tickets at once.
+#[tokio::test]
+async fn tls13_tickets_reach_a_client_that_sends_nothing_and_resume() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let config = proxy
+        .client()
+        .config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    let (first, second, _) = resumes(proxy.https, config, None).await;
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    assert_eq!(second, rustls::HandshakeKind::Resumed);
+}
+
+/// Under TLS 1.2 the server's last flight ends the handshake: the client
+/// waits for it, whether or not its request is already on the way.
+#[tokio::test]
+async fn tls12_handshakes_complete_with_or_without_a_waiting_request_and_resume() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let config = proxy
+        .client()
+        .config(&[&rustls::version::TLS12], &[b"http/1.1"]);
+    let (first, second, _) = resumes(proxy.https, config.clone(), None).await;
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    assert_eq!(second, rustls::HandshakeKind::Resumed);
+    let request: &[u8] = b"GET /twelve HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (_, _, answer) = resumes(proxy.https, config, Some(request)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.last().target, "/twelve");
+}
+
+/// A client that closes with close_notify gets one back (RFC 8446 §6.1);
+/// one that just drops its TCP connection gets a plain close, as from
+/// nginx: a close_notify to a socket nobody reads only provokes a reset.
+#[tokio::test]
+async fn close_notify_is_answered_only_to_a_client_that_sent_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let client = proxy.client();
+
+    let mut clean = client.connect(&[b"http/1.1"]).await;
+    clean.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        clean.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed within 5 s");
+    assert!(read.is_ok(), "no close_notify back: {read:?}");
+    assert!(rest.is_empty());
+
+    let mut vanished = client.connect(&[b"http/1.1"]).await;
+    vanished.get_mut().0.shutdown().await.unwrap();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        vanished.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed within 5 s");
+    let error = read.expect_err("a close_notify was sent to a client that sent none");
+    assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+}

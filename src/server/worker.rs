@@ -361,7 +361,23 @@ async fn accept_tls(
     if refuse_plain_http(&mut tcp).await {
         return None;
     }
-    acceptor.accept(ClientSocket::new(tcp)).await.ok()
+    let mut tls = acceptor.accept(ClientSocket::new(tcp)).await.ok()?;
+    let (socket, session) = tls.get_mut();
+    // Under TLS 1.3 what the handshake leaves held is session tickets, and
+    // a client whose request came with its Finished gets them with the
+    // answer. A client that sent nothing yet may be waiting for them (a
+    // resumption check such as `openssl s_client -sess_out`), and under
+    // TLS 1.2 it is the server's last flight: those go now.
+    let request_arrived = session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+        && session
+            .reader()
+            .into_first_chunk()
+            .is_ok_and(|chunk| !chunk.is_empty());
+    socket.handshake_done();
+    if !request_arrived {
+        socket.send_held().await.ok()?;
+    }
+    Some(tls)
 }
 
 /// A plain-HTTP client on the HTTPS port gets a 400 that says to use
