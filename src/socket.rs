@@ -288,6 +288,7 @@ pub(crate) use pass_writes_through;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn pair() -> (ClientSocket, TcpStream) {
@@ -322,5 +323,72 @@ mod tests {
         peer.read_to_end(&mut received).await.unwrap();
         assert_eq!(received, expected);
         assert_eq!(received, b"onetwothree");
+    }
+
+    /// Writes through `socket`'s `AsyncWrite` as tokio-rustls does mid-handshake.
+    async fn write_during_handshake(socket: &mut ClientSocket, bytes: &[u8]) {
+        let written = std::future::poll_fn(|cx| {
+            Pin::new(&mut *socket).poll_write_vectored(cx, &[IoSlice::new(bytes)])
+        })
+        .await
+        .unwrap();
+        assert_eq!(written, bytes.len());
+    }
+
+    #[tokio::test]
+    async fn the_handshake_flight_leaves_when_a_read_would_wait() {
+        let (mut socket, mut peer) = pair().await;
+        write_during_handshake(&mut socket, b"server flight").await;
+        let mut flight = [0u8; 13];
+        let mut nothing = [0u8; 16];
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                read = socket.read(&mut nothing) => panic!("the peer sent nothing: {read:?}"),
+                got = peer.read_exact(&mut flight) => got,
+            }
+        })
+        .await
+        .expect("the held flight was sent when the read had to wait");
+        got.unwrap();
+        assert_eq!(&flight, b"server flight");
+    }
+
+    /// The tickets held past the handshake go out ahead of the answer, and
+    /// both arrive whole and in order however the socket splits the
+    /// writes: more is held than the socket takes at once, so both the
+    /// held bytes and the answer go out in parts.
+    #[tokio::test]
+    async fn held_records_and_a_large_answer_arrive_whole_and_in_order() {
+        let (mut socket, mut peer) = pair().await;
+        socket2::SockRef::from(&socket.tcp)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        let held: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let answer: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+        write_during_handshake(&mut socket, &held).await;
+        socket.handshake_done();
+        let mut received = Vec::new();
+        let (written, read) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(
+                async {
+                    socket.write_all(&answer).await?;
+                    socket.shutdown().await
+                },
+                peer.read_to_end(&mut received)
+            )
+        })
+        .await
+        .expect("everything delivered within 20 s");
+        written.unwrap();
+        read.unwrap();
+        assert_eq!(received.len(), held.len() + answer.len());
+        assert!(
+            received[..held.len()] == held[..],
+            "the held bytes come first"
+        );
+        assert!(
+            received[held.len()..] == answer[..],
+            "then the answer, in order"
+        );
     }
 }
