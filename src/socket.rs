@@ -38,7 +38,7 @@ pub fn poll_write_slices<W: AsyncWrite + ?Sized>(
 /// rustls queues the tickets the moment it reads the client's Finished, and
 /// tokio-rustls flushes them before the handshake future completes: one
 /// more send(2) per connection, and one more wake-up of a client that only
-/// waits for its answer (nginx and h2o write them alone too). So writes
+/// waits for its answer (nginx writes them alone too). So writes
 /// made during the handshake are held, and leave as soon as the handshake
 /// would otherwise wait for the client (its next read finds nothing): the
 /// server's flight goes out exactly when it did before. What the finished
@@ -55,17 +55,10 @@ pub struct ClientSocket {
     read_closed: bool,
     /// TLS records written but not yet sent (see above).
     held: Vec<u8>,
-    hold: Hold,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Hold {
-    /// Handshaking: writes are held until a read would wait.
-    UntilReadWaits,
-    /// Handshake done: what is held leaves with the next write.
-    UntilNextWrite,
-    /// Nothing is held any more.
-    Never,
+    /// Until [`ClientSocket::handshake_done`]: every write is held, and
+    /// leaves when a read would wait. After it, what is still held leaves
+    /// ahead of the next write.
+    handshaking: bool,
 }
 
 impl ClientSocket {
@@ -75,14 +68,14 @@ impl ClientSocket {
             reset: false,
             read_closed: false,
             held: Vec::new(),
-            hold: Hold::UntilReadWaits,
+            handshaking: true,
         }
     }
 
     /// Called once the TLS handshake is complete: what is still held leaves
     /// with the next write, shutdown or close, or now with [`Self::send_held`].
     pub fn handshake_done(&mut self) {
-        self.hold = Hold::UntilNextWrite;
+        self.handshaking = false;
     }
 
     /// Sends what is held now.
@@ -102,28 +95,27 @@ impl ClientSocket {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if self.hold != Hold::UntilReadWaits {
-            self.hold = Hold::Never;
+        if !self.handshaking {
+            // Never needed again: give its capacity back.
             self.held = Vec::new();
         }
         Poll::Ready(Ok(()))
     }
 
-    /// Writes `bufs` after what is held, in one system call when it can.
+    /// Writes `bufs` after what is held (there is some), in one system
+    /// call when it can.
     fn poll_write_after_held(
         &mut self,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let wanted: usize = bufs.iter().map(|buf| buf.len()).sum();
-        if !self.held.is_empty() && wanted > 0 {
+        if bufs.iter().any(|buf| !buf.is_empty()) {
             let mut slices = Vec::with_capacity(bufs.len() + 1);
             slices.push(IoSlice::new(&self.held));
             slices.extend(bufs.iter().map(|buf| IoSlice::new(buf)));
             let written = ready!(Pin::new(&mut self.tcp).poll_write_vectored(cx, &slices))?;
             if written > self.held.len() {
                 let ours = written - self.held.len();
-                self.hold = Hold::Never;
                 self.held = Vec::new();
                 return Poll::Ready(Ok(ours));
             }
@@ -158,15 +150,13 @@ impl Drop for ClientSocket {
         if self.reset {
             // SO_LINGER 0: the close sends a reset and discards what is queued.
             let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(std::time::Duration::ZERO));
-        } else {
-            if !self.held.is_empty() && !self.read_closed {
+        } else if !self.read_closed {
+            if !self.held.is_empty() {
                 // Best effort: a handshake's last records (an alert, say)
                 // that never met a read or write after them.
                 let _ = self.tcp.try_write(&self.held);
             }
-            if !self.read_closed {
-                crate::linger::before_close(&self.tcp);
-            }
+            crate::linger::before_close(&self.tcp);
         }
     }
 }
@@ -181,7 +171,7 @@ impl AsyncRead for ClientSocket {
         let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
         match polled {
             Poll::Ready(Ok(())) if room > 0 && buf.remaining() == room => self.read_closed = true,
-            Poll::Pending if self.hold == Hold::UntilReadWaits && !self.held.is_empty() => {
+            Poll::Pending if self.handshaking && !self.held.is_empty() => {
                 // About to wait for the client: what it waits for goes now.
                 if let Poll::Ready(Err(error)) = self.poll_send_held(cx) {
                     return Poll::Ready(Err(error));
@@ -208,15 +198,15 @@ impl AsyncWrite for ClientSocket {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match this.hold {
-            Hold::UntilReadWaits => {
-                for buf in bufs {
-                    this.held.extend_from_slice(buf);
-                }
-                Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()))
+        if this.handshaking {
+            for buf in bufs {
+                this.held.extend_from_slice(buf);
             }
-            Hold::UntilNextWrite => this.poll_write_after_held(cx, bufs),
-            Hold::Never => poll_write_slices(Pin::new(&mut this.tcp), cx, bufs),
+            Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()))
+        } else if !this.held.is_empty() {
+            this.poll_write_after_held(cx, bufs)
+        } else {
+            poll_write_slices(Pin::new(&mut this.tcp), cx, bufs)
         }
     }
 

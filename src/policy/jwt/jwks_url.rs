@@ -9,6 +9,7 @@ use http::header::{ACCEPT, CONNECTION, HOST, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 
 use super::algorithms::AlgSet;
 use super::keys::decode_jwks;
@@ -23,7 +24,8 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 pub(super) struct JwksUrl {
     /// As configured, for logs.
     pub(super) text: String,
-    https: bool,
+    /// The name the server's certificate is checked for; `None` for `http://`.
+    tls_name: Option<ServerName<'static>>,
     /// Host to connect to, IPv6 brackets removed.
     host: String,
     port: u16,
@@ -52,12 +54,16 @@ pub(super) fn parse_jwks_url(text: &str) -> Result<JwksUrl, JwtConfigError> {
     if host.is_empty() {
         return Err(bad("has no host"));
     }
-    if https && rustls_pki_types::ServerName::try_from(host).is_err() {
-        return Err(bad("has no host name a certificate can be checked for"));
-    }
+    let tls_name = if https {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| bad("has no host name a certificate can be checked for"))?;
+        Some(name)
+    } else {
+        None
+    };
     Ok(JwksUrl {
         text: text.to_string(),
-        https,
+        tls_name,
         host: host.to_string(),
         port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
         authority: authority.as_str().to_string(),
@@ -75,14 +81,12 @@ async fn http_get(url: &JwksUrl, max_bytes: usize) -> Result<Bytes, String> {
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    if !url.https {
+    let Some(name) = &url.tls_name else {
         return get_over(stream, url, max_bytes).await;
-    }
-    let name = rustls_pki_types::ServerName::try_from(url.host.clone())
-        .map_err(|e| format!("TLS: {e}"))?;
+    };
     let tls = crate::outbound_tls::system_connector()
         .map_err(|e| format!("TLS: {e}"))?
-        .connect(name, stream)
+        .connect(name.clone(), stream)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
     get_over(tls, url, max_bytes).await
@@ -181,7 +185,7 @@ mod tests {
     fn url_refusals() {
         let url = parse_jwks_url("https://auth.example.com/jwks.json").unwrap();
         assert_eq!(
-            (url.host.as_str(), url.port, url.https),
+            (url.host.as_str(), url.port, url.tls_name.is_some()),
             ("auth.example.com", 443, true)
         );
         for bad in [
