@@ -10,7 +10,8 @@
 # CLIENTS=8, STREAMS=10 (h2; h1 sends one request at a time per connection),
 # PORT=21443 UPSTREAM_PORT=21080, LOG_LEVEL=warn (no access log; "info" is
 # the default a user runs: one access line per request, written to a file
-# here). Needs valgrind, nginx, h2load, openssl.
+# here), EXTRA_TOML (appended to proxy.toml, e.g. $'[headers]\nadd = {}' to
+# price the default security headers). Needs valgrind, nginx, h2load, openssl.
 # The upstream is nginx answering `ok`, as in bench/run.sh; portcullis runs
 # with one worker, HSTS and its default security headers.
 #
@@ -83,6 +84,8 @@ level = "$LOG_LEVEL"
 
 [[routes]]
 path = "/plain"
+
+${EXTRA_TOML:-}
 EOF
 
 valgrind --tool=callgrind --callgrind-out-file="$T/callgrind.out" \

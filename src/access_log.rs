@@ -305,8 +305,29 @@ fn millis(out: &mut Vec<u8>, duration: Duration) {
     out.push(b'0' + (fraction % 10) as u8);
 }
 
+/// IPv4 digit by digit: `core::fmt` cost about 1,000 instructions per line,
+/// a fifth of the whole record. IPv6 keeps the standard text form (zero runs
+/// compressed, RFC 5952), which is not worth writing twice.
 fn ip(out: &mut Vec<u8>, ip: IpAddr) {
-    let _ = write!(out, "{ip}");
+    match ip {
+        IpAddr::V4(v4) => {
+            for (index, octet) in v4.octets().into_iter().enumerate() {
+                if index > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
 }
 
 /// A JSON string: quotes, backslashes and control characters escaped (the
@@ -470,6 +491,31 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Records {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn addresses_are_written_as_std_formats_them() {
+        let samples: [IpAddr; 8] = [
+            "0.0.0.0".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            "255.255.255.255".parse().unwrap(),
+            "10.9.99.100".parse().unwrap(),
+            "192.168.1.20".parse().unwrap(),
+            "::1".parse().unwrap(),
+            "2001:db8::8:800:200c:417a".parse().unwrap(),
+            "::ffff:192.0.2.1".parse().unwrap(),
+        ];
+        for address in samples {
+            let mut out = Vec::new();
+            ip(&mut out, address);
+            assert_eq!(out, address.to_string().into_bytes(), "{address}");
+        }
+        for octet in 0..=255u8 {
+            let address = IpAddr::from([octet, 0, 9, octet]);
+            let mut out = Vec::new();
+            ip(&mut out, address);
+            assert_eq!(out, address.to_string().into_bytes());
+        }
+    }
 
     fn record() -> AccessRecord {
         AccessRecord {
