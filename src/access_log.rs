@@ -22,7 +22,8 @@
 //! counted in `portcullis_log_lines_dropped_total`, with a warning on
 //! standard error at most once a second. Threads that do not batch (the
 //! control thread) hand each line over at once. A worker's buffer is handed
-//! over when the thread ends, and [`shutdown`] drains the writer.
+//! over when the thread ends and at once on SIGHUP ([`flush_all`]), and
+//! [`shutdown`] drains the writer.
 
 use std::cell::RefCell;
 use std::io::Write as _;
@@ -141,15 +142,29 @@ thread_local! {
     };
 }
 
-/// Hands the worker's lines over every 100 ms; spawned on each worker's
-/// runtime (the thread must also call [`batch_on_this_thread`]).
+/// Wakes every worker's [`flush_periodically`] at once: see [`flush_all`].
+static FLUSH_NOW: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Hands the worker's lines over every 100 ms, and at once on
+/// [`flush_all`]; spawned on each worker's runtime (the thread must also
+/// call [`batch_on_this_thread`]).
 pub async fn flush_periodically() {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = FLUSH_NOW.notified() => {}
+        }
         flush_this_thread();
     }
+}
+
+/// Has every worker hand over the lines it holds now rather than at its
+/// next tick (SIGHUP: what was served before a reload reaches standard
+/// output with the reload). Threads that do not batch hold nothing.
+pub fn flush_all() {
+    FLUSH_NOW.notify_waiters();
 }
 
 /// Makes this thread keep its lines until [`flush_this_thread`] (every
@@ -491,6 +506,31 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Records {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_all_hands_a_workers_lines_over_before_its_tick() {
+        batch_on_this_thread();
+        let flusher = tokio::spawn(flush_periodically());
+        // Past the interval's immediate first tick, now waiting on the next.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        push_line(b"{\"line\":1}\n");
+        let held = || LOCAL.with(|local| local.borrow().bytes.len());
+        assert!(held() > 0, "a batching thread keeps its line until a flush");
+        flush_all();
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(held(), 0, "the line was handed over");
+        assert_eq!(
+            tokio::time::Instant::now(),
+            started,
+            "by the request, not by the 100 ms tick"
+        );
+        flusher.abort();
+    }
 
     #[test]
     fn addresses_are_written_as_std_formats_them() {

@@ -60,6 +60,7 @@ pub(super) async fn wait_for_signals(
 
 /// SIGHUP: a new configuration replaces the running one only if it validates.
 pub fn reload(shared: &Arc<Shared>, config_path: &std::path::Path) {
+    crate::access_log::flush_all();
     let current = shared.runtime.load_full();
     let config = match crate::config::load(config_path) {
         Ok(config) => config,
