@@ -31,6 +31,11 @@
 #                           server silent (portcullis [log] level = "warn"), rows "NAME-nolog".
 #                           The portcullis-only scenarios (jwt checks limits) run in the
 #                           first mode listed.
+#   PEER_HEADERS=hsts       the response headers nginx, HAProxy and h2o add: "hsts" (HSTS
+#                           only, as most deployments configure them) or "security" (HSTS
+#                           and the three headers portcullis adds by default:
+#                           X-Content-Type-Options, X-Frame-Options, Referrer-Policy), so
+#                           that every server sends the client the same response
 #   PORTCULLIS_BIN=path     use this binary instead of `cargo build --release`
 #   HANDSHAKES=2000         new connections in the hs scenario
 #   HS_TLS=1.3              TLS version of the hs scenario: 1.3, 1.2 or any
@@ -49,6 +54,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 
 DURATION="${DURATION:-10s}"
+PEER_HEADERS="${PEER_HEADERS:-hsts}"
 ROUNDS="${ROUNDS:-3}"
 SERVERS="${SERVERS:-nginx haproxy h2o portcullis direct}"
 SCENARIOS="${SCENARIOS:-ka h2 hs mem jwt checks limits}"
@@ -91,6 +97,7 @@ for s in $LOGS; do
     case "$s" in on | off) ;; *) die "unknown mode '$s' in LOGS (on, off)" ;; esac
 done
 [[ -n "${LOGS// /}" ]] || die "LOGS must name at least one mode: on, off"
+case "$PEER_HEADERS" in hsts | security) ;; *) die "unknown PEER_HEADERS '$PEER_HEADERS' (hsts, security)" ;; esac
 [[ -z "${PORTCULLIS_LOG_LEVEL:-}" ]] || die "PORTCULLIS_LOG_LEVEL is gone: LOGS=on runs portcullis at level info, LOGS=off at warn"
 read -r -a LOG_MODES <<<"$LOGS"
 # the portcullis-only route comparisons run once, in the first mode
@@ -282,6 +289,29 @@ fi
 JWT_SECRET="$(openssl rand -hex 32)"
 export BENCH_JWT_SECRET="$JWT_SECRET"
 HSTS="max-age=31536000; includeSubDomains"
+# The headers portcullis adds by default besides HSTS ([headers] add in SPEC).
+SECURITY_HEADERS=("X-Content-Type-Options: nosniff" "X-Frame-Options: DENY"
+    "Referrer-Policy: strict-origin-when-cross-origin")
+NGINX_PEER_HEADERS=""
+HAPROXY_PEER_HEADERS=""
+# h2o 2.2 takes one header.* command of a kind per level, and a level
+# inherits its parents' commands: one of the three at each level.
+H2O_GLOBAL_HEADERS=""
+H2O_HOST_HEADERS=""
+H2O_PATH_HEADERS=""
+if [[ "$PEER_HEADERS" == security ]]; then
+    for header in "${SECURITY_HEADERS[@]}"; do
+        NGINX_PEER_HEADERS+="
+            add_header ${header%%: *} \"${header#*: }\" always;"
+        HAPROXY_PEER_HEADERS+="
+    http-response set-header ${header%%: *} \"${header#*: }\""
+    done
+    H2O_PATH_HEADERS="
+        header.setifempty: \"${SECURITY_HEADERS[0]}\""
+    H2O_HOST_HEADERS="
+    header.setifempty: \"${SECURITY_HEADERS[1]}\""
+    H2O_GLOBAL_HEADERS="header.setifempty: \"${SECURITY_HEADERS[2]}\""
+fi
 
 # ---------------------------------------------------------------------------
 # 4. configurations
@@ -393,7 +423,7 @@ $(common_nginx_paths "$T/nginx")
             proxy_set_header Host \$host;
             proxy_set_header X-Forwarded-For \$remote_addr;
             proxy_set_header X-Forwarded-Proto https;
-            add_header Strict-Transport-Security "$HSTS" always;
+            add_header Strict-Transport-Security "$HSTS" always;$NGINX_PEER_HEADERS
         }
     }
 }
@@ -432,7 +462,7 @@ frontend fe
     bind $HOST:$PROXY_PORT ssl crt $T/combined.pem alpn h2,http/1.1
     http-request set-header X-Forwarded-For %[src]
     http-request set-header X-Forwarded-Proto https
-    http-response set-header Strict-Transport-Security "$HSTS"
+    http-response set-header Strict-Transport-Security "$HSTS"$HAPROXY_PEER_HEADERS
     default_backend app
 
 backend app
@@ -475,12 +505,13 @@ listen:
     key-file: $T/key.pem
     minimum-version: TLSv1.2
     ocsp-update-interval: 0     # no OCSP helper process (self-signed cert has no OCSP URI)
+$H2O_GLOBAL_HEADERS
 hosts:
   default:
     paths:
       /:
         proxy.reverse.url: http://$HOST:$UPSTREAM_PORT/
-        header.add: "Strict-Transport-Security: $HSTS"
+        header.add: "Strict-Transport-Security: $HSTS"$H2O_PATH_HEADERS$H2O_HOST_HEADERS
 EOF
 }
 write_h2o_conf "$T/h2o/h2o-nolog.conf" ""
@@ -490,7 +521,8 @@ write_h2o_conf "$T/h2o/h2o-log.conf" "$H2O_ACCESS_ON"
 
 cat >"$T/portcullis/proxy.toml" <<EOF
 # HSTS, X-Forwarded-For and the pooled HTTP/1.1 upstream are portcullis's
-# defaults; so are its security headers (more work than the peers do).
+# defaults; so are its security headers (more work than the peers do unless
+# PEER_HEADERS=security).
 [server]
 https_listen = "$HOST:$PROXY_PORT"
 workers = $WORKERS
@@ -746,6 +778,11 @@ smoke_check() { # smoke_check SERVER ROW
     out="$(curl -sk --http1.1 --tlsv1.3 -D - -o /dev/null -w 'STATUS=%{http_code}' "$url/")" || true
     [[ "$out" == *"STATUS=200"* ]] || problems+=("TLS 1.3 request did not get 200")
     grep -qi "^strict-transport-security: max-age=31536000" <<<"$out" || problems+=("no HSTS header")
+    if [[ "$PEER_HEADERS" == security || "$name" == portcullis ]]; then
+        for x in "${SECURITY_HEADERS[@]}"; do
+            grep -qi "^$x" <<<"$out" || problems+=("no '$x' header")
+        done
+    fi
     x="$(curl -sk --http2 -o /dev/null -w '%{http_version}' "$url/")" || true
     [[ "$x" == 2 ]] || problems+=("HTTP/2 not negotiated (got '$x')")
     x="$(curl -sk --http1.1 "$url/xff")" || true
@@ -754,7 +791,9 @@ smoke_check() { # smoke_check SERVER ROW
         problems+=("TLS 1.1 accepted")
     fi
     if [[ ${#problems[@]} -eq 0 ]]; then
-        check "$row" "ok: TLS 1.2 and 1.3 (1.1 refused), h2 by ALPN, HSTS added, X-Forwarded-For=$HOST at the upstream"
+        x="HSTS added"
+        [[ "$PEER_HEADERS" == security || "$name" == portcullis ]] && x="HSTS and the three security headers added"
+        check "$row" "ok: TLS 1.2 and 1.3 (1.1 refused), h2 by ALPN, $x, X-Forwarded-For=$HOST at the upstream"
     else
         check "$row" "PROBLEM: $(IFS='; '; echo "${problems[*]}")"
     fi
@@ -1018,7 +1057,7 @@ export BENCH_META_WRK="$(wrk -v 2>&1 | head -n1 | cut -c1-60)"
 export BENCH_META_H2LOAD="$(ver h2load --version)"
 export BENCH_META_OPENSSL="$(ver openssl version)"
 export BENCH_META_PORTCULLIS="${PORTCULLIS:+$GIT_REV$GIT_DIRTY ($PORTCULLIS)}"
-export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" LOGS=\"$LOGS\" bench/run.sh"
+export BENCH_META_COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS SERVERS=\"$SERVERS\" SCENARIOS=\"$SCENARIOS\" LOGS=\"$LOGS\" PEER_HEADERS=$PEER_HEADERS bench/run.sh"
 export BENCH_META_NOFILE="$NOFILE"
 # access-log lines each server wrote per run, as the fairness proof that
 # every server logged with LOGS=on (and none with LOGS=off)
