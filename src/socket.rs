@@ -45,6 +45,13 @@ pub fn poll_write_slices<W: AsyncWrite + ?Sized>(
 /// handshake leaves behind, the tickets, may then wait for the first write,
 /// shutdown or close after it, when the caller knows the client is not
 /// waiting for them (see [`ClientSocket::handshake_done`]).
+///
+/// It also tells a plain-HTTP client on the HTTPS port from a TLS one by
+/// the first byte read, rather than by peeking at it with a system call of
+/// its own: a TLS client's is 0x16 (a handshake record), an HTTP method's an
+/// upper-case letter. That read fails, so the handshake stops before rustls
+/// answers with an alert the client cannot read, and
+/// [`ClientSocket::spoke_plain_http`] says why.
 pub struct ClientSocket {
     tcp: TcpStream,
     /// Close with a reset, without draining what the client still sends.
@@ -59,6 +66,10 @@ pub struct ClientSocket {
     /// leaves when a read would wait. After it, what is still held leaves
     /// ahead of the next write.
     handshaking: bool,
+    /// Nothing has been read yet: the first byte is still to be checked.
+    first_read: bool,
+    /// The first byte read began an HTTP method, not a TLS record.
+    plain_http: bool,
 }
 
 impl ClientSocket {
@@ -69,7 +80,14 @@ impl ClientSocket {
             read_closed: false,
             held: Vec::new(),
             handshaking: true,
+            first_read: true,
+            plain_http: false,
         }
+    }
+
+    /// The client spoke plain HTTP: its first read failed (see above).
+    pub fn spoke_plain_http(&self) -> bool {
+        self.plain_http
     }
 
     /// Called once the TLS handshake is complete: what is still held leaves
@@ -168,9 +186,20 @@ impl AsyncRead for ClientSocket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let room = buf.remaining();
+        let start = buf.filled().len();
         let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
         match polled {
             Poll::Ready(Ok(())) if room > 0 && buf.remaining() == room => self.read_closed = true,
+            Poll::Ready(Ok(())) if self.first_read && buf.filled().len() > start => {
+                self.first_read = false;
+                if buf.filled()[start].is_ascii_uppercase() {
+                    self.plain_http = true;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "plain HTTP on the HTTPS port",
+                    )));
+                }
+            }
             Poll::Pending if self.handshaking && !self.held.is_empty() => {
                 // About to wait for the client: what it waits for goes now.
                 if let Poll::Ready(Err(error)) = self.poll_send_held(cx) {
@@ -286,6 +315,28 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
         (ClientSocket::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_first_byte_that_begins_an_http_method_fails_the_read() {
+        let (mut socket, mut peer) = pair().await;
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let error = socket.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(socket.spoke_plain_http());
+    }
+
+    #[tokio::test]
+    async fn only_the_first_byte_decides() {
+        let (mut socket, mut peer) = pair().await;
+        peer.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        let mut buf = [0u8; 3];
+        socket.read_exact(&mut buf).await.unwrap();
+        peer.write_all(b"GET").await.unwrap();
+        socket.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"GET");
+        assert!(!socket.spoke_plain_http());
     }
 
     #[tokio::test]

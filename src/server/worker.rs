@@ -355,13 +355,22 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
 
 /// The TLS handshake, unless the client speaks plain HTTP (then it gets a 400).
 async fn accept_tls(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
 ) -> Option<tokio_rustls::server::TlsStream<ClientSocket>> {
-    if refuse_plain_http(&mut tcp).await {
-        return None;
-    }
-    let mut tls = acceptor.accept(ClientSocket::new(tcp)).await.ok()?;
+    let mut tls = match acceptor
+        .accept(ClientSocket::new(tcp))
+        .into_fallible()
+        .await
+    {
+        Ok(tls) => tls,
+        Err((_, mut socket)) => {
+            if socket.spoke_plain_http() {
+                refuse_plain_http(&mut socket).await;
+            }
+            return None;
+        }
+    };
     let (socket, session) = tls.get_mut();
     // Under TLS 1.3 what the handshake leaves held is session tickets, and
     // a client whose request came with its Finished gets them with the
@@ -381,23 +390,19 @@ async fn accept_tls(
 }
 
 /// A plain-HTTP client on the HTTPS port gets a 400 that says to use
-/// https:// instead of a TLS alert it cannot read. A TLS client's first byte
-/// is 0x16 (handshake record); an HTTP method starts with an upper-case letter.
-async fn refuse_plain_http(tcp: &mut TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    match tcp.peek(&mut first).await {
-        Ok(1) if first[0].is_ascii_uppercase() => {}
-        _ => return false,
-    }
+/// https:// instead of a TLS alert it cannot read ([`ClientSocket`] told
+/// it by its first byte).
+async fn refuse_plain_http(socket: &mut ClientSocket) {
+    // Not a TLS connection: nothing is to be held back.
+    socket.handshake_done();
     let body =
         r#"{"error":"bad_request","message":"This port speaks HTTPS; use https:// in the URL."}"#;
     let response = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
-    true
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
 }
 
 fn record_connection_rejection(
