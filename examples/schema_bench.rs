@@ -29,7 +29,7 @@ use portcullis::policy::schema::RouteSchema;
 use serde_json::Value;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: portcullis::allocator::Mimalloc = portcullis::allocator::Mimalloc;
 
 /// Rounds timed; the best one's mean is reported.
 const ROUNDS: usize = 5;

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod acme;
 pub mod admin;
+pub mod allocator;
 pub mod background;
 pub mod body;
 pub mod cert_info;

@@ -1,7 +1,7 @@
 //! The `portcullis` binary: parse the command line, run the command.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: portcullis::allocator::Mimalloc = portcullis::allocator::Mimalloc;
 
 use std::process::ExitCode;
 
