@@ -61,69 +61,76 @@ struct RequestContext<'rt> {
 }
 
 /// Serves one request. Never fails: every failure becomes a response.
-pub async fn handle(
+///
+/// A plain fn around an `async move` block rather than an `async fn`: the
+/// request is split before the future exists, so the future holds its
+/// parts once (an `async fn` keeps room for its arguments for its whole
+/// life, and every in-flight request carries its future).
+pub fn handle(
     request: Request<Incoming>,
     conn: Arc<ConnInfo>,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> {
     let started = Instant::now();
-    let mut cancelled = CancelWatch(Some(&conn.activity));
-    let in_flight = conn.activity.begin_request();
-    let request_index = conn.next_request_index();
-    let runtime = conn.shared.runtime.load_full();
     let (mut parts, body) = request.into_parts();
+    async move {
+        let mut cancelled = CancelWatch(Some(&conn.activity));
+        let in_flight = conn.activity.begin_request();
+        let request_index = conn.next_request_index();
+        let runtime = conn.shared.runtime.load_full();
 
-    let client = rate_limit::client_ip(
-        conn.peer.ip(),
-        &parts.headers,
-        &runtime.config.server.trusted_proxies,
-    );
-    let mut ctx = RequestContext {
-        runtime: &runtime,
-        conn: &conn,
-        record: AccessRecord {
-            client,
-            method: parts.method.clone(),
-            path: parts.uri.path().to_owned(),
-            route: runtime.routes.unmatched.clone(),
-            status: 0,
-            upstream_status: None,
-            tls: conn.tls,
-            sub: None,
-        },
-        route_metrics: &runtime.routes.unmatched_metrics,
-        rate_limit_info: None,
-    };
+        let client = rate_limit::client_ip(
+            conn.peer.ip(),
+            &parts.headers,
+            &runtime.config.server.trusted_proxies,
+        );
+        let mut ctx = RequestContext {
+            runtime: &runtime,
+            conn: &conn,
+            record: AccessRecord {
+                client,
+                method: parts.method.clone(),
+                path: parts.uri.path().to_owned(),
+                route: runtime.routes.unmatched.clone(),
+                status: 0,
+                upstream_status: None,
+                tls: conn.tls,
+                sub: None,
+            },
+            route_metrics: &runtime.routes.unmatched_metrics,
+            rate_limit_info: None,
+        };
 
-    let outcome = match judge_and_forward(&mut ctx, &mut parts, body, request_index).await {
-        Ok(response) => response,
-        Err(rejection) => reject(&ctx, rejection),
-    };
+        let outcome = match judge_and_forward(&mut ctx, &mut parts, body, request_index).await {
+            Ok(response) => response,
+            Err(rejection) => reject(&ctx, rejection),
+        };
 
-    // 6. response filters, on the proxy's own answers too
-    let mut response = outcome;
-    if !conn.is_h2
-        && response.status() != StatusCode::SWITCHING_PROTOCOLS
-        && conn.anomalies.last_followed(request_index)
-    {
-        // Not upgraded: the bytes after this request cannot be checked.
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    runtime.filters.apply(response.headers_mut());
-    if let Some(info) = &ctx.rate_limit_info {
-        for (name, value) in info.header_values() {
-            response.headers_mut().entry(name).or_insert(value);
+        // 6. response filters, on the proxy's own answers too
+        let mut response = outcome;
+        if !conn.is_h2
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            && conn.anomalies.last_followed(request_index)
+        {
+            // Not upgraded: the bytes after this request cannot be checked.
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-    }
+        runtime.filters.apply(response.headers_mut());
+        if let Some(info) = &ctx.rate_limit_info {
+            for (name, value) in info.header_values() {
+                response.headers_mut().entry(name).or_insert(value);
+            }
+        }
 
-    // 7. metrics now; the access log when the body ends
-    let status = response.status().as_u16();
-    ctx.record.status = status;
-    ctx.route_metrics.record(status, started.elapsed());
-    let record = ctx.record;
-    cancelled.0 = None;
-    Ok(response.map(|body| body.with_access_log(record, started, Some(in_flight))))
+        // 7. metrics now; the access log when the body ends
+        let status = response.status().as_u16();
+        ctx.record.status = status;
+        ctx.route_metrics.record(status, started.elapsed());
+        let record = ctx.record;
+        cancelled.0 = None;
+        Ok(response.map(|body| body.with_access_log(record, started, Some(in_flight))))
+    }
 }
 
 /// Notes a request whose future is dropped before it has an answer: the
@@ -210,7 +217,7 @@ async fn judge_and_forward(
 
     // 4. the upstream request
     let upgrade =
-        forward::is_websocket_upgrade(&parts.headers) && parts.version == http::Version::HTTP_11;
+        parts.version == http::Version::HTTP_11 && forward::is_websocket_upgrade(&parts.headers);
     let on_client_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {

@@ -256,14 +256,28 @@ impl Upstreams {
 }
 
 impl Group {
-    async fn send(
+    /// Sends `request` to a server of this group, retrying where it may.
+    /// A plain fn around an `async move` block: the request becomes the
+    /// encoded `Outgoing` before the future exists, so the future holds
+    /// only that (an `async fn` keeps room for its arguments for its whole
+    /// life: 400 bytes more in every request's future).
+    fn send(
         &self,
         worker: usize,
         client: IpAddr,
         request: UpstreamRequest,
+    ) -> impl Future<Output = Result<Response<UpstreamResponseBody>, Rejection>> + '_ {
+        let mut out = Outgoing::new(request, &self.default_host);
+        async move { self.send_outgoing(worker, client, &mut out).await }
+    }
+
+    async fn send_outgoing(
+        &self,
+        worker: usize,
+        client: IpAddr,
+        out: &mut Outgoing,
     ) -> Result<Response<UpstreamResponseBody>, Rejection> {
         let pools = &self.workers[worker % self.workers.len()];
-        let mut out = Outgoing::new(request, &self.default_host);
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         let mut tried: u64 = 0;
         let mut last_failure = UpstreamErrorKind::Connect;
@@ -281,7 +295,7 @@ impl Group {
             tried |= 1 << index;
             let pool = &pools.pools[index];
             let in_flight = InFlight::begin(pool);
-            let sent = tokio::time::timeout_at(deadline, pool.send(&mut out)).await;
+            let sent = tokio::time::timeout_at(deadline, pool.send(out)).await;
             let (kind, text) = match sent {
                 Ok(Ok(mut response)) => {
                     let status = response.status().as_u16();
