@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::telemetry::{AccessRecord, LoggedPath};
 
@@ -122,6 +122,32 @@ struct LocalBuffer {
     /// The second `date_time` is for, and `YYYY-MM-DDTHH:MM:SS`.
     second: u64,
     date_time: [u8; 19],
+    /// A monotonic instant and the wall-clock time (since the epoch) read
+    /// just after it: see [`LocalBuffer::wall_clock`].
+    clock_anchor: Option<(Instant, Duration)>,
+}
+
+/// How long a worker dates lines from one reading of the system clock.
+const WALL_CLOCK_REREAD: Duration = Duration::from_secs(1);
+
+impl LocalBuffer {
+    /// The wall-clock time at `at`, a monotonic reading the caller made
+    /// anyway: the system clock is read again only once a second per
+    /// worker, so a step or slew of the system clock shows in the log
+    /// within a second (nginx's cached time is the model).
+    fn wall_clock(&mut self, at: Instant) -> Duration {
+        if let Some((anchor, wall)) = self.clock_anchor
+            && let Some(since) = at.checked_duration_since(anchor)
+            && since < WALL_CLOCK_REREAD
+        {
+            return wall + since;
+        }
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.clock_anchor = Some((at, wall));
+        wall
+    }
 }
 
 impl Drop for LocalBuffer {
@@ -138,6 +164,7 @@ thread_local! {
             batching: false,
             second: u64::MAX,
             date_time: [0; 19],
+            clock_anchor: None,
         })
     };
 }
@@ -252,9 +279,9 @@ fn after_line(local: &mut LocalBuffer) {
     }
 }
 
-/// Writes `record` (its body ended after `bytes` bytes, `duration` after
-/// its head arrived).
-pub fn write(record: &AccessRecord, bytes: u64, duration: Duration) {
+/// Writes `record` (its body ended at `ended`, after `bytes` bytes,
+/// `duration` after its head arrived).
+pub fn write(record: &AccessRecord, bytes: u64, duration: Duration, ended: Instant) {
     let Some(writer) = WRITER.get() else {
         return;
     };
@@ -267,9 +294,7 @@ pub fn write(record: &AccessRecord, bytes: u64, duration: Duration) {
             return;
         };
         let local = &mut *local;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = local.wall_clock(ended);
         if now.as_secs() != local.second {
             local.second = now.as_secs();
             let text =
@@ -500,6 +525,50 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Records {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn fresh_buffer() -> LocalBuffer {
+        LocalBuffer {
+            bytes: Vec::new(),
+            lines: 0,
+            batching: false,
+            second: u64::MAX,
+            date_time: [0; 19],
+            clock_anchor: None,
+        }
+    }
+
+    fn system_now() -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn lines_are_dated_from_one_system_clock_reading_a_second() {
+        let mut local = fresh_buffer();
+        let start = Instant::now();
+        let before = system_now();
+        let first = local.wall_clock(start);
+        assert!(first >= before && first <= system_now());
+        // Within the second: the anchor plus the monotonic distance, exactly.
+        let later = start + Duration::from_millis(250);
+        assert_eq!(local.wall_clock(later), first + Duration::from_millis(250));
+        // An instant before the anchor (read earlier by a slower caller)
+        // reads the clock again instead of going back in time.
+        let earlier = local.wall_clock(start - Duration::from_millis(5));
+        assert!(earlier >= before && earlier <= system_now());
+        // A second or more after the anchor: the system clock is read again,
+        // so a clock step would show now rather than the anchor's drift.
+        let anchor = local.clock_anchor.map(|(at, _)| at);
+        let much_later = start + Duration::from_secs(5);
+        let reread = local.wall_clock(much_later);
+        assert!(
+            reread <= system_now(),
+            "read from the system clock, not anchor + 5 s"
+        );
+        assert_eq!(local.clock_anchor.map(|(at, _)| at), Some(much_later));
+        assert_ne!(anchor, Some(much_later));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn flush_all_hands_a_workers_lines_over_before_its_tick() {

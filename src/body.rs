@@ -64,7 +64,17 @@ impl AccessLogOnDrop {
 impl Drop for AccessLogOnDrop {
     fn drop(&mut self) {
         self.pulled();
-        self.record.emit(self.bytes, self.started.elapsed());
+        // One clock reading serves the duration, the log line's timestamp
+        // and the connection's idle clock.
+        let ended = Instant::now();
+        self.record.emit(
+            self.bytes,
+            ended.saturating_duration_since(self.started),
+            ended,
+        );
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.end_at(tokio::time::Instant::from_std(ended));
+        }
     }
 }
 

@@ -171,7 +171,10 @@ impl Activity {
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight {
+            activity: self.clone(),
+            ended_at: None,
+        }
     }
 
     fn on_read(&self) {
@@ -308,21 +311,32 @@ impl Activity {
 }
 
 /// Held while a request is being served (until its response body ends).
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// When the request ended, if whoever ended it had read the clock.
+    ended_at: Option<Instant>,
+}
 
 impl InFlight {
     pub fn activity(&self) -> &Activity {
-        &self.0
+        &self.activity
+    }
+
+    /// Ends the request at `now`, a clock reading the caller already made.
+    pub fn end_at(mut self, now: Instant) {
+        self.ended_at = Some(now);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
+        let activity = &self.activity;
         activity.served.fetch_add(1, Ordering::Relaxed);
-        activity
-            .idle_since
-            .store(activity.now_ms(), Ordering::Relaxed);
+        let ended_ms = match self.ended_at {
+            Some(at) => at.saturating_duration_since(activity.opened).as_millis() as u64,
+            None => activity.now_ms(),
+        };
+        activity.idle_since.store(ended_ms, Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

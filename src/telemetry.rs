@@ -141,8 +141,8 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
-    pub fn emit(&self, bytes: u64, duration: Duration) {
-        crate::access_log::write(self, bytes, duration);
+    pub fn emit(&self, bytes: u64, duration: Duration, ended: std::time::Instant) {
+        crate::access_log::write(self, bytes, duration, ended);
     }
 }
 

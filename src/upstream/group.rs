@@ -278,7 +278,8 @@ impl Group {
         out: &mut Outgoing,
     ) -> Result<Response<UpstreamResponseBody>, Rejection> {
         let pools = &self.workers[worker % self.workers.len()];
-        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::from_std(started) + self.config.timeout;
         let mut tried: u64 = 0;
         let mut last_failure = UpstreamErrorKind::Connect;
         for attempt in 0..=self.config.retries {
@@ -295,7 +296,13 @@ impl Group {
             tried |= 1 << index;
             let pool = &pools.pools[index];
             let in_flight = InFlight::begin(pool);
-            let sent = tokio::time::timeout_at(deadline, pool.send(out)).await;
+            // A retry comes after a failure that may have taken a while.
+            let now = if attempt == 0 {
+                started
+            } else {
+                std::time::Instant::now()
+            };
+            let sent = tokio::time::timeout_at(deadline, pool.send(out, now)).await;
             let (kind, text) = match sent {
                 Ok(Ok(mut response)) => {
                     let status = response.status().as_u16();

@@ -181,15 +181,18 @@ impl Pool {
     /// One attempt on this server. On failure, [`Outgoing::resendable`]
     /// says whether nothing of the request can have been acted on (or it is
     /// safe to act on twice), so another server may be sent it.
+    /// Sends `out` on a pooled connection or a new one; `now` is the
+    /// caller's clock reading for the request, which dates idle connections.
     pub(super) async fn send(
         self: &Arc<Self>,
         out: &mut Outgoing,
+        now: Instant,
     ) -> Result<Response<UpstreamResponseBody>, SendError> {
         out.resendable = false;
         let mut stale_retries = 0;
         loop {
             let pooled = if stale_retries < MAX_STALE_RETRIES {
-                self.checkout()
+                self.checkout(now)
             } else {
                 None
             };
@@ -281,12 +284,10 @@ impl Pool {
     }
 
     /// The most recently returned connection that still looks usable.
-    fn checkout(&self) -> Option<Connection> {
+    fn checkout(&self, now: Instant) -> Option<Connection> {
         let mut idle = self.lock();
-        let mut now = None;
         while let Some(idle_connection) = idle.pop() {
-            let now = *now.get_or_insert_with(Instant::now);
-            if now.duration_since(idle_connection.since) >= self.idle_timeout {
+            if now.saturating_duration_since(idle_connection.since) >= self.idle_timeout {
                 continue;
             }
             if idle_connection.connection.looks_open() {
