@@ -547,8 +547,20 @@ pub(crate) fn build_upstream_request(
     upgrade: bool,
     body: RequestBody,
 ) -> Result<UpstreamRequest, Rejection> {
-    let uri = forward::upstream_uri(normalized_path, parts.uri.query())
-        .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?;
+    // Only the path and query of this URI reach the upstream. When
+    // normalizing changed nothing (nearly always), the client's URI holds
+    // exactly those, already parsed and checked; not when its path is empty
+    // (`http://host?q` in absolute form), which `path()` reports as "/".
+    let unchanged = parts
+        .uri
+        .path_and_query()
+        .is_some_and(|target| target.as_str().starts_with('/') && target.path() == normalized_path);
+    let uri = if unchanged {
+        std::mem::take(&mut parts.uri)
+    } else {
+        forward::upstream_uri(normalized_path, parts.uri.query())
+            .map_err(|_| Rejection::BadRequest("the request target cannot be forwarded"))?
+    };
     let mut headers = std::mem::take(&mut parts.headers);
     // Hop-by-hop first: a client naming an identity header in `Connection`
     // must not make the proxy drop the value it sets below.

@@ -135,6 +135,33 @@ async fn an_http10_request_without_host_gets_the_upstreams_authority_as_host() {
     assert_eq!(header_all(&seen, "x-forwarded-for"), ["127.0.0.1"]);
 }
 
+/// RFC 9112 3.2.2: a target in absolute form reaches the upstream in
+/// origin form, with "/" for an empty path (`http://host?q` too).
+#[tokio::test]
+async fn an_absolute_form_target_is_forwarded_in_origin_form() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    for (target, forwarded) in [
+        (
+            "http://app.example.test/abs/path?q=1&r=%7E",
+            "/abs/path?q=1&r=%7E",
+        ),
+        ("http://app.example.test?q=1", "/?q=1"),
+        ("http://app.example.test", "/"),
+        ("http://app.example.test/a/./b/../c?x", "/a/c?x"),
+    ] {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: app.example.test\r\nConnection: close\r\n\r\n");
+        let (answer, closed) = proxy
+            .client()
+            .raw_until_closed(request.as_bytes(), Duration::from_secs(10))
+            .await;
+        assert!(closed, "{target}: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+        assert_eq!(upstream.last().target, forwarded, "{target}");
+    }
+}
+
 /// RFC 9112 3.2: an HTTP/1.1 request without Host, with two, or with an
 /// invalid one is answered 400. SPEC: "400 malformed request"; the upstream
 /// must get the client's Host, and there is none to give it.
