@@ -15,12 +15,10 @@
 //!
 //! * `worker.rs`: a worker's accept loop and the life of one HTTPS
 //!   connection (TLS handshake, hyper, the header-read and idle deadlines);
-//! * `h2_streams.rs`: an HTTP/2 connection's streams, run in its own task;
 //! * `control.rs`: signals, reload, drain and maintenance on the control thread;
 //! * `redirect_listener.rs`: the plain-HTTP listener that redirects to HTTPS.
 
 mod control;
-mod h2_streams;
 pub mod plain_listener;
 mod redirect_listener;
 mod worker;

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::h2_streams::{StreamQueue, WithStreams};
 use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, CutOff, Expiry, Timeouts};
 use crate::h2_flood::ControlFrameGuard;
 use crate::runtime::{Runtime, Shared};
@@ -23,12 +22,11 @@ use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
 use crate::telemetry;
 
-/// The HTTP/1.1 connection settings of a worker, built again for new
-/// connections when a reload changes `max_header_bytes`. HTTP/2's builder
-/// is made per connection ([`http2_builder`]): it carries the connection's
-/// own stream queue.
+/// The HTTP/1.1 and HTTP/2 connection settings of a worker, built again
+/// for new connections when a reload changes `max_header_bytes`.
 struct HttpBuilders {
     http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     max_header_bytes: usize,
 }
 
@@ -41,20 +39,17 @@ fn http_builders(runtime: &Runtime) -> HttpBuilders {
         // limit; hyper's bare 431 is only the backstop for larger heads.
         .max_buf_size((server.max_header_bytes * 2 + 4096).max(8192))
         .header_read_timeout(None);
-    HttpBuilders {
-        http1,
-        max_header_bytes: server.max_header_bytes,
-    }
-}
-
-fn http2_builder(streams: StreamQueue, max_header_bytes: usize) -> http2::Builder<StreamQueue> {
-    let mut http2 = http2::Builder::new(streams);
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
-        .max_header_list_size((max_header_bytes * 2) as u32)
+        .max_header_list_size((server.max_header_bytes * 2) as u32)
         .keep_alive_interval(None);
-    http2
+    HttpBuilders {
+        http1,
+        http2,
+        max_header_bytes: server.max_header_bytes,
+    }
 }
 
 pub(super) async fn worker_loop(
@@ -212,7 +207,7 @@ async fn serve_https(
     };
     // Boxed per request: hyper keeps the service's future inline in every
     // HTTP/1 connection (idle ones too) and moves it several times on its
-    // way into each HTTP/2 stream; the pipeline's future is a few KiB,
+    // way into a task per HTTP/2 stream; the pipeline's future is a few KiB,
     // a box is 16 bytes (unboxed, HTTP/2 cost 1,500 more instructions per
     // request under callgrind).
     let service = service_fn(move |request| {
@@ -230,12 +225,10 @@ async fn serve_https(
             activity.clone(),
         )
         .holding(slot);
-        let streams = StreamQueue::default();
-        let connection = http2_builder(streams.clone(), builders.max_header_bytes)
-            .serve_connection(TokioIo::new(io), service);
+        let connection = Box::pin(builders.http2.serve_connection(TokioIo::new(io), service));
         drive(
-            Box::pin(WithStreams::new(connection, streams)),
-            |c| c.get_mut().connection().graceful_shutdown(),
+            connection,
+            |c| c.graceful_shutdown(),
             &activity,
             timeouts,
             &shared,
