@@ -131,6 +131,17 @@ struct LocalBuffer {
 const WALL_CLOCK_REREAD: Duration = Duration::from_secs(1);
 
 impl LocalBuffer {
+    const fn new() -> Self {
+        LocalBuffer {
+            bytes: Vec::new(),
+            lines: 0,
+            batching: false,
+            second: u64::MAX,
+            date_time: [0; 19],
+            clock_anchor: None,
+        }
+    }
+
     /// The wall-clock time at `at`, a monotonic reading the caller made
     /// anyway: the system clock is read again only once a second per
     /// worker, so a step or slew of the system clock shows in the log
@@ -157,16 +168,7 @@ impl Drop for LocalBuffer {
 }
 
 thread_local! {
-    static LOCAL: RefCell<LocalBuffer> = const {
-        RefCell::new(LocalBuffer {
-            bytes: Vec::new(),
-            lines: 0,
-            batching: false,
-            second: u64::MAX,
-            date_time: [0; 19],
-            clock_anchor: None,
-        })
-    };
+    static LOCAL: RefCell<LocalBuffer> = const { RefCell::new(LocalBuffer::new()) };
 }
 
 /// Wakes every worker's [`flush_periodically`] at once: see [`flush_all`].
@@ -526,17 +528,6 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn fresh_buffer() -> LocalBuffer {
-        LocalBuffer {
-            bytes: Vec::new(),
-            lines: 0,
-            batching: false,
-            second: u64::MAX,
-            date_time: [0; 19],
-            clock_anchor: None,
-        }
-    }
-
     fn system_now() -> Duration {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -545,7 +536,7 @@ mod tests {
 
     #[test]
     fn lines_are_dated_from_one_system_clock_reading_a_second() {
-        let mut local = fresh_buffer();
+        let mut local = LocalBuffer::new();
         let start = Instant::now();
         let before = system_now();
         let first = local.wall_clock(start);
