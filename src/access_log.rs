@@ -5,8 +5,9 @@
 //! must cost next to nothing: each record is formatted straight into its
 //! worker thread's buffer (no allocation per line; the timestamp's date and
 //! time formatted once a second per thread), and a worker hands its buffer
-//! to one writer thread when it holds 64 KiB or every 100 ms: one `write`
-//! per batch, as nginx's `access_log ... buffer=64k flush=1s`.
+//! to one writer thread when it holds 64 KiB or 100 ms after its first
+//! line: one `write` per batch, as nginx's `access_log ... buffer=64k
+//! flush=1s`. A worker holding no lines sets no timer.
 //!
 //! Handing the buffer over whenever the worker went idle (tokio's
 //! `on_thread_park`, the first design) woke the writer for every few lines
@@ -31,6 +32,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::telemetry::{AccessRecord, LoggedPath};
@@ -125,6 +127,8 @@ struct LocalBuffer {
     /// A monotonic instant and the wall-clock time (since the epoch) read
     /// just after it: see [`LocalBuffer::wall_clock`].
     clock_anchor: Option<(Instant, Duration)>,
+    /// The worker's [`flush_periodically`] while it waits for a first line.
+    flusher: Option<Waker>,
 }
 
 /// How long a worker dates lines from one reading of the system clock.
@@ -139,6 +143,7 @@ impl LocalBuffer {
             second: u64::MAX,
             date_time: [0; 19],
             clock_anchor: None,
+            flusher: None,
         }
     }
 
@@ -174,19 +179,51 @@ thread_local! {
 /// Wakes every worker's [`flush_periodically`] at once: see [`flush_all`].
 static FLUSH_NOW: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
-/// Hands the worker's lines over every 100 ms, and at once on
-/// [`flush_all`]; spawned on each worker's runtime (the thread must also
-/// call [`batch_on_this_thread`]).
+/// Hands the worker's lines over at most 100 ms after the first of them
+/// was written, and at once on [`flush_all`]; spawned on each worker's
+/// runtime (the thread must also call [`batch_on_this_thread`]). A worker
+/// that holds no lines sets no timer, so an idle proxy does not wake up.
 pub async fn flush_periodically() {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Listening from here on: a flush_all while lines are written or
+        // while their 100 ms runs is not missed.
+        let flush_now = FLUSH_NOW.notified();
+        tokio::pin!(flush_now);
+        flush_now.as_mut().enable();
         tokio::select! {
-            _ = tick.tick() => {}
-            () = FLUSH_NOW.notified() => {}
+            biased;
+            () = flush_now => {}
+            () = async {
+                lines_held().await;
+                tokio::time::sleep(FLUSH_EVERY).await;
+            } => {}
         }
         flush_this_thread();
     }
+}
+
+/// Ready once this thread's buffer holds a line.
+fn lines_held() -> impl Future<Output = ()> {
+    std::future::poll_fn(|cx| {
+        let held = LOCAL.try_with(|local| {
+            let Ok(mut local) = local.try_borrow_mut() else {
+                // Only a line being written holds the borrow, and this runs
+                // between polls: not reached. Look again at the next tick.
+                return true;
+            };
+            if local.bytes.is_empty() {
+                local.flusher = Some(cx.waker().clone());
+                false
+            } else {
+                true
+            }
+        });
+        if held.unwrap_or(true) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
 }
 
 /// Has every worker hand over the lines it holds now rather than at its
@@ -196,8 +233,8 @@ pub fn flush_all() {
     FLUSH_NOW.notify_waiters();
 }
 
-/// Makes this thread keep its lines until [`flush_this_thread`] (every
-/// 100 ms on a worker, [`flush_periodically`]) or until 64 KiB.
+/// Makes this thread keep its lines until [`flush_this_thread`] (100 ms
+/// after the first on a worker, [`flush_periodically`]) or until 64 KiB.
 pub fn batch_on_this_thread() {
     LOCAL.with(|local| {
         if let Ok(mut local) = local.try_borrow_mut() {
@@ -278,6 +315,8 @@ fn push_line(line: &[u8]) {
 fn after_line(local: &mut LocalBuffer) {
     if !local.batching || local.bytes.len() >= BATCH_BYTES {
         hand_over(local);
+    } else if let Some(flusher) = local.flusher.take() {
+        flusher.wake();
     }
 }
 
@@ -561,11 +600,46 @@ mod tests {
         assert_ne!(anchor, Some(much_later));
     }
 
+    /// Lines wait 100 ms from the first of them, however long the worker
+    /// was idle before: the flusher keeps no tick of its own.
     #[tokio::test(start_paused = true)]
-    async fn flush_all_hands_a_workers_lines_over_before_its_tick() {
+    async fn a_workers_lines_are_handed_over_100_ms_after_the_first() {
+        let _alone = FLUSH_ALL_USERS.lock().await;
         batch_on_this_thread();
         let flusher = tokio::spawn(flush_periodically());
-        // Past the interval's immediate first tick, now waiting on the next.
+        let held = || LOCAL.with(|local| local.borrow().bytes.len());
+        // Idle for a while: a ticking flusher would now be 50 ms from a tick.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        push_line(b"{\"line\":1}\n");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        push_line(b"{\"line\":2}\n");
+        tokio::time::sleep(Duration::from_millis(39)).await;
+        assert!(
+            held() > 0,
+            "99 ms after the first line, both are still held"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(held(), 0, "handed over 100 ms after the first line");
+        // The next line starts a new 100 ms.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        push_line(b"{\"line\":3}\n");
+        tokio::time::sleep(Duration::from_millis(99)).await;
+        assert!(held() > 0);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(held(), 0);
+        flusher.abort();
+    }
+
+    /// [`flush_all`] wakes every thread's flusher: the tests that time a
+    /// flusher take turns with the one that calls it.
+    static FLUSH_ALL_USERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_all_hands_a_workers_lines_over_before_its_tick() {
+        let _alone = FLUSH_ALL_USERS.lock().await;
+        batch_on_this_thread();
+        let flusher = tokio::spawn(flush_periodically());
+        // Let the flusher start waiting for a line.
         for _ in 0..4 {
             tokio::task::yield_now().await;
         }

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use http::HeaderName;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -282,6 +282,9 @@ pub struct Shared {
     /// `max_connections`: an accept loop takes a permit before accepting, so
     /// connections beyond the limit wait in the kernel backlog.
     pub permits: Arc<Semaphore>,
+    /// Woken when an accept loop takes the last free permit: see
+    /// `server::worker::worker_loop`.
+    pub slots_ran_out: Notify,
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
@@ -296,6 +299,7 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             permits: Arc::new(Semaphore::new(max_connections)),
+            slots_ran_out: Notify::new(),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             listeners_ready: AtomicBool::new(false),

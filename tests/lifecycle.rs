@@ -867,3 +867,60 @@ async fn a_second_proxy_on_a_busy_https_port_refuses_to_start() {
     // The first one serves on.
     assert_eq!(first.client().get("/still-here").await.status, 200);
 }
+
+/// Context switches of each of the process's threads, by thread id.
+fn context_switches(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut by_thread = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_thread;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let switches = status
+            .lines()
+            .filter(|line| line.contains("ctxt_switches:"))
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        by_thread.insert(task.file_name().to_string_lossy().into_owned(), switches);
+    }
+    by_thread
+}
+
+/// A proxy with nothing to do sleeps: no worker wakes on a timer of its own
+/// while no connection is open and no access line is waiting. Each worker
+/// used to wake 30 times a second (a 50 ms accept-loop timer and a 100 ms
+/// access-log tick), 120 wake-ups in this test's window.
+#[tokio::test]
+async fn an_idle_proxy_does_not_wake_up() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(upstream.addr, ProxyConfig::default()).await;
+    let answer = proxy
+        .client()
+        .request(
+            Method::GET,
+            "/before-idle",
+            &[("connection", "close")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    // The access line is out: the worker's log buffer is empty again.
+    proxy.wait_event(|e| e["path"] == "/before-idle").await;
+
+    let before = context_switches(proxy.pid());
+    assert!(before.len() >= 3, "threads of the proxy: {before:?}");
+    // Not a synchronisation: the window in which nothing may happen. Only
+    // the control thread's 10 s maintenance tick may fall into it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = context_switches(proxy.pid());
+    let woke: u64 = after
+        .iter()
+        .filter_map(|(thread, n)| Some(n.saturating_sub(*before.get(thread)?)))
+        .sum();
+    assert!(
+        woke <= 6,
+        "{woke} context switches in 2 s of idleness; before {before:?}, after {after:?}"
+    );
+}

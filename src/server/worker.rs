@@ -71,19 +71,40 @@ pub(super) async fn worker_loop(
     if let Some(redis) = &shared.runtime.load().redis {
         redis.warm(worker);
     }
+    // Fires when some worker takes the last free slot. Registered before
+    // each look at the free slots, so that running out while this worker
+    // waits for a connection is never missed.
+    let slots_ran_out = shared.slots_ran_out.notified();
+    tokio::pin!(slots_ran_out);
+    slots_ran_out.as_mut().enable();
     loop {
         let Some(mut permit) = acquire_slot(&shared).await else {
             return;
         };
-        // Each worker accepts on its own listener, and the kernel queues a
-        // connection on one of them. A worker holding the last free slot
-        // while its own queue is empty must not starve another worker's
-        // queue: when every slot is taken, it hands its slot back now and
-        // then. The semaphore is fair, so a worker already waiting gets it.
         let accepted = loop {
+            if shared.permits.available_permits() > 0 {
+                // Slots to spare: nobody can be waiting for the one this
+                // worker holds, so it waits for a connection with no timer
+                // (an idle proxy does not wake up).
+                tokio::select! {
+                    accepted = listener.accept() => break accepted,
+                    () = slots_ran_out.as_mut() => {
+                        slots_ran_out.set(shared.slots_ran_out.notified());
+                        slots_ran_out.as_mut().enable();
+                    }
+                    () = shared.shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            // Each worker accepts on its own listener, and the kernel queues
+            // a connection on one of them. A worker holding the last free
+            // slot while its own queue is empty must not starve another
+            // worker's queue: when every slot is taken, it hands its slot
+            // back now and then. The semaphore is fair, so a worker already
+            // waiting gets it.
             tokio::select! {
                 accepted = listener.accept() => break accepted,
-                _ = tokio::time::sleep(SLOT_ROTATION) => {
+                () = tokio::time::sleep(SLOT_ROTATION) => {
                     if shared.permits.available_permits() == 0 {
                         drop(permit);
                         let Some(again) = acquire_slot(&shared).await else {
@@ -92,7 +113,7 @@ pub(super) async fn worker_loop(
                         permit = again;
                     }
                 }
-                _ = shared.shutdown.cancelled() => return,
+                () = shared.shutdown.cancelled() => return,
             }
         };
         let (tcp, peer) = match accepted {
@@ -131,10 +152,14 @@ const SLOT_ROTATION: Duration = Duration::from_millis(50);
 
 /// A `max_connections` slot, or `None` once the proxy is shutting down.
 async fn acquire_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
-    tokio::select! {
+    let permit = tokio::select! {
         permit = shared.permits.clone().acquire_owned() => permit.ok(),
         _ = shared.shutdown.cancelled() => None,
+    }?;
+    if shared.permits.available_permits() == 0 {
+        shared.slots_ran_out.notify_waiters();
     }
+    Some(permit)
 }
 
 async fn serve_https(
