@@ -42,6 +42,9 @@ PROXY_PID=""
 cleanup() {
     [[ -n "$PROXY_PID" ]] && kill "$PROXY_PID" 2>/dev/null || true
     [[ -n "$UPSTREAM_PID" ]] && kill "$UPSTREAM_PID" 2>/dev/null || true
+    # Gone before the next run binds the same ports: valgrind takes a
+    # moment to write its last dump and exit.
+    wait 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -94,10 +97,13 @@ PROXY_PID=$!
 
 ready=""
 for _ in $(seq 240); do
+    # Alive first: an answer from whatever else holds the port is not ours.
+    kill -0 "$PROXY_PID" 2>/dev/null || break
     if curl -sk -o /dev/null "https://127.0.0.1:$PORT/plain"; then ready=1; break; fi
     sleep 0.5
 done
-[[ -n "$ready" ]] || { echo "instructions.sh: the proxy did not start, see $T/proxy.log" >&2; exit 1; }
+[[ -n "$ready" ]] && kill -0 "$PROXY_PID" 2>/dev/null ||
+    { echo "instructions.sh: the proxy did not start (port $PORT taken?), see $T/proxy.log" >&2; exit 1; }
 
 load() {
     local n="$1"
