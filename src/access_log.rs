@@ -208,7 +208,7 @@ fn lines_held() -> impl Future<Output = ()> {
         let held = LOCAL.try_with(|local| {
             let Ok(mut local) = local.try_borrow_mut() else {
                 // Only a line being written holds the borrow, and this runs
-                // between polls: not reached. Look again at the next tick.
+                // between polls: not reached. Flush 100 ms from now anyway.
                 return true;
             };
             if local.bytes.is_empty() {
@@ -226,9 +226,10 @@ fn lines_held() -> impl Future<Output = ()> {
     })
 }
 
-/// Has every worker hand over the lines it holds now rather than at its
-/// next tick (SIGHUP: what was served before a reload reaches standard
-/// output with the reload). Threads that do not batch hold nothing.
+/// Has every worker hand over the lines it holds now rather than 100 ms
+/// after the first of them (SIGHUP: what was served before a reload
+/// reaches standard output with the reload). Threads that do not batch
+/// hold nothing.
 pub fn flush_all() {
     FLUSH_NOW.notify_waiters();
 }
@@ -635,7 +636,7 @@ mod tests {
     static FLUSH_ALL_USERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     #[tokio::test(start_paused = true)]
-    async fn flush_all_hands_a_workers_lines_over_before_its_tick() {
+    async fn flush_all_hands_a_workers_lines_over_before_their_100_ms() {
         let _alone = FLUSH_ALL_USERS.lock().await;
         batch_on_this_thread();
         let flusher = tokio::spawn(flush_periodically());
@@ -655,7 +656,7 @@ mod tests {
         assert_eq!(
             tokio::time::Instant::now(),
             started,
-            "by the request, not by the 100 ms tick"
+            "by the request, not after 100 ms"
         );
         flusher.abort();
     }
