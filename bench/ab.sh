@@ -52,73 +52,17 @@ for bin in "$1" "$2"; do
     BINS+=("$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")")
 done
 
-T="$(mktemp -d /tmp/portcullis-ab.XXXXXX)"
-UPSTREAM_PID=""
-PROXY_PID=""
-cleanup() {
-    [[ -n "$PROXY_PID" ]] && kill "$PROXY_PID" 2>/dev/null || true
-    [[ -n "$UPSTREAM_PID" ]] && kill "$UPSTREAM_PID" 2>/dev/null || true
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj /CN=localhost -keyout "$T/key.pem" -out "$T/cert.pem" 2>/dev/null
-
-mkdir -p "$T/upstream"
-cat >"$T/upstream/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $T/upstream/nginx.pid;
-error_log $T/upstream/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:$UPSTREAM_PORT; location / { return 200 "ok"; } }
-}
-EOF
-nginx -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" &
-UPSTREAM_PID=$!
-
-cat >"$T/proxy.toml" <<EOF
-[server]
-https_listen = "127.0.0.1:$PORT"
-workers = $WORKERS
-max_connections = 10000
-idle_timeout = "300s"
-
-[tls]
-cert = "$T/cert.pem"
-key = "$T/key.pem"
-
-[upstream]
-url = "http://127.0.0.1:$UPSTREAM_PORT"
-pool_idle_timeout = "300s"
-
-[log]
-level = "$LOG_LEVEL"
-
-[[routes]]
-path = "/plain"
-
-${EXTRA_TOML:-}
-EOF
+# shellcheck source=bench/lab.sh
+. "$HERE/lab.sh"
+lab_setup ab
+lab_proxy_toml "$WORKERS"
 
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d\n", s}'; }
 
 start_proxy() {
     "$1" run --config "$T/proxy.toml" >"$T/access.log" 2>"$T/proxy.err" &
     PROXY_PID=$!
-    for _ in $(seq 240); do
-        # Alive first: an answer from whatever else holds the port is not ours.
-        kill -0 "$PROXY_PID" 2>/dev/null || break
-        curl -sk -o /dev/null "https://127.0.0.1:$PORT/plain" && return 0
-        sleep 0.25
-    done
-    echo "ab.sh: $1 did not start (port $PORT taken?), see $T/proxy.err" >&2
-    exit 1
+    lab_wait_ready || { echo "ab.sh: $1 did not start (port $PORT taken?), see $T/proxy.err" >&2; exit 1; }
 }
 
 stop_proxy() {

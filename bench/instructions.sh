@@ -36,73 +36,16 @@ done
 [[ -x "$BIN" ]] || { echo "instructions.sh: no executable at $BIN (cargo build --release)" >&2; exit 1; }
 BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
 
-T="$(mktemp -d /tmp/portcullis-instructions.XXXXXX)"
-UPSTREAM_PID=""
-PROXY_PID=""
-cleanup() {
-    [[ -n "$PROXY_PID" ]] && kill "$PROXY_PID" 2>/dev/null || true
-    [[ -n "$UPSTREAM_PID" ]] && kill "$UPSTREAM_PID" 2>/dev/null || true
-    # Gone before the next run binds the same ports: valgrind takes a
-    # moment to write its last dump and exit.
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj /CN=localhost -keyout "$T/key.pem" -out "$T/cert.pem" 2>/dev/null
-
-mkdir -p "$T/upstream"
-cat >"$T/upstream/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $T/upstream/nginx.pid;
-error_log $T/upstream/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:$UPSTREAM_PORT; location / { return 200 "ok"; } }
-}
-EOF
-nginx -p "$T/upstream" -c "$T/upstream/nginx.conf" -e "$T/upstream/error.log" &
-UPSTREAM_PID=$!
-
-cat >"$T/proxy.toml" <<EOF
-[server]
-https_listen = "127.0.0.1:$PORT"
-workers = 1
-idle_timeout = "300s"
-
-[tls]
-cert = "$T/cert.pem"
-key = "$T/key.pem"
-
-[upstream]
-url = "http://127.0.0.1:$UPSTREAM_PORT"
-pool_idle_timeout = "300s"
-
-[log]
-level = "$LOG_LEVEL"
-
-[[routes]]
-path = "/plain"
-
-${EXTRA_TOML:-}
-EOF
+# shellcheck source=bench/lab.sh
+. "$(dirname "$0")/lab.sh"
+lab_setup instructions
+lab_proxy_toml 1
 
 valgrind --tool=callgrind --callgrind-out-file="$T/callgrind.out" \
     "$BIN" run --config "$T/proxy.toml" >"$T/proxy.log" 2>&1 &
 PROXY_PID=$!
 
-ready=""
-for _ in $(seq 240); do
-    # Alive first: an answer from whatever else holds the port is not ours.
-    kill -0 "$PROXY_PID" 2>/dev/null || break
-    if curl -sk -o /dev/null "https://127.0.0.1:$PORT/plain"; then ready=1; break; fi
-    sleep 0.5
-done
-[[ -n "$ready" ]] && kill -0 "$PROXY_PID" 2>/dev/null ||
+lab_wait_ready ||
     { echo "instructions.sh: the proxy did not start (port $PORT taken?), see $T/proxy.log" >&2; exit 1; }
 
 load() {
