@@ -19,8 +19,9 @@
 # UPSTREAM_PORT=21080, EXTRA_TOML (appended to proxy.toml).
 # Needs nginx, h2load, openssl, curl, python3.
 #
-# CPU is the sum over the proxy's threads of /proc/PID/task/*/schedstat
-# (nanoseconds on a CPU), read before and after each load run; every
+# CPU is `benchlib.py cpu` (as bench/run.sh reads it): the sum over the
+# proxy's threads of /proc/PID/task/*/schedstat (nanoseconds on a CPU),
+# read before and after each load run; every
 # portcullis thread lives as long as the process, so none is missed. Each
 # pair runs both builds back to back, the order swapped every other pair.
 # Prints, per scenario, each build's median, and the median over pairs of
@@ -56,8 +57,6 @@ done
 . "$HERE/lab.sh"
 lab_setup ab
 lab_proxy_toml "$WORKERS"
-
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d\n", s}'; }
 
 start_proxy() {
     "$1" run --config "$T/proxy.toml" >"$T/access.log" 2>"$T/proxy.err" &
@@ -96,11 +95,11 @@ measure() {
     [[ "$2" == hs ]] && { units=$HANDSHAKES; warmup=300; }
     start_proxy "$1"
     load "$2" "$warmup"
-    before="$(cpu_ns "$PROXY_PID")"
+    before="$(python3 "$HERE/benchlib.py" cpu "$PROXY_PID")"
     load "$2" "$units"
-    after="$(cpu_ns "$PROXY_PID")"
+    after="$(python3 "$HERE/benchlib.py" cpu "$PROXY_PID")"
     stop_proxy
-    awk -v d=$((after - before)) -v n="$units" 'BEGIN {printf "%.2f\n", d / n / 1000}'
+    awk -v b="$before" -v a="$after" -v n="$units" 'BEGIN {printf "%.2f\n", (a - b) / n * 1e6}'
 }
 
 RESULTS="$T/results.txt"

@@ -673,7 +673,7 @@ def main():
     p.add_argument("--servers", default="nginx haproxy h2o portcullis direct")
     a = ap.parse_args()
     if a.cmd == "cpu":
-        print(f"{cpu_seconds(a.pid):.3f}")
+        print(f"{cpu_seconds(a.pid):.6f}")  # µs: schedstat counts nanoseconds
     elif a.cmd == "rss":
         print(rss_kib(a.pid))
     elif a.cmd == "upstream":
