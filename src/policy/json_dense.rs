@@ -22,18 +22,15 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::OnceLock;
 
-use jsonschema::json::{Array, Json, Node, NodeIdentity, Object, cmp};
+use jsonschema::json::{Array, Json, Node, NodeIdentity, Object};
 use jsonschema::types::JsonType;
 use jsonschema_value::LazyInstance;
 use serde_json::{Number, Value};
 
-use crate::policy::json_tape::{
-    Decoded, PAIRWISE_UNIQUE, decode, hash_number, materialize, number_at, small_integer,
-};
+use crate::policy::json_in_place::{self, InPlace};
+use crate::policy::json_tape::{Decoded, decode, materialize, number_at, small_integer};
 
 /// `serde_json` refuses this many nested containers; the pass gives up at
 /// it and leaves the refusal (and its message) to the tape.
@@ -627,85 +624,15 @@ impl<'a> DenseNode<'a> {
             Repr::Name(name) => name == expected,
         }
     }
+}
 
-    /// JSON Schema equality of two nodes, as the tape's.
-    fn same(&self, other: &DenseNode<'a>) -> bool {
-        let kind = self.json_type();
-        if kind != other.json_type() {
-            return false;
-        }
-        match kind {
-            JsonType::Null => true,
-            JsonType::Boolean => self.as_boolean() == other.as_boolean(),
-            JsonType::Number | JsonType::Integer => match (self.as_number(), other.as_number()) {
-                (Some(left), Some(right)) => cmp::equal_numbers(&left, &right),
-                _ => false,
-            },
-            JsonType::String => self.as_string() == other.as_string(),
-            JsonType::Array => match (self.array(), other.array()) {
-                (Some(left), Some(right)) => {
-                    left.entry.count == right.entry.count
-                        && left
-                            .elements()
-                            .zip(right.elements())
-                            .all(|(left, right)| left.same(&right))
-                }
-                _ => false,
-            },
-            JsonType::Object => match (self.object(), other.object()) {
-                (Some(left), Some(right)) => {
-                    left.entry.count == right.entry.count
-                        && left.members().all(|(name, value)| {
-                            right.find(&name).is_some_and(|other| value.same(&other))
-                        })
-                }
-                _ => false,
-            },
-        }
+impl<'a> InPlace<'a, Dense> for DenseNode<'a> {
+    fn member(object: &DenseObject<'a>, key: &str) -> Option<Self> {
+        object.find(key)
     }
 
-    /// A hash that agrees with [`DenseNode::same`], as the tape's.
-    fn hash_into(&self, keys: &RandomState, state: &mut impl Hasher) {
-        match self.json_type() {
-            JsonType::Null => state.write_u8(0),
-            JsonType::Boolean => state.write_u8(1 + u8::from(self.as_boolean() == Some(true))),
-            JsonType::Number | JsonType::Integer => {
-                state.write_u8(3);
-                if let Some(number) = self.as_number() {
-                    hash_number(&number, state);
-                }
-            }
-            JsonType::String => {
-                state.write_u8(4);
-                if let Some(string) = self.as_string() {
-                    state.write(string.as_bytes());
-                }
-                state.write_u8(0xff);
-            }
-            JsonType::Array => {
-                state.write_u8(5);
-                for element in self.array().into_iter().flat_map(|array| array.elements()) {
-                    element.hash_into(keys, state);
-                }
-                state.write_u8(0xfe);
-            }
-            JsonType::Object => {
-                let mut combined = 0_u64;
-                for (name, value) in self
-                    .object()
-                    .into_iter()
-                    .flat_map(|object| object.members())
-                {
-                    let mut member = keys.build_hasher();
-                    member.write(name.as_bytes());
-                    member.write_u8(0xff);
-                    value.hash_into(keys, &mut member);
-                    combined ^= member.finish();
-                }
-                state.write_u8(6);
-                state.write_u64(combined);
-            }
-        }
+    fn equals_str(&self, expected: &str) -> bool {
+        DenseNode::equals_str(self, expected)
     }
 }
 
@@ -795,28 +722,7 @@ impl<'a> Node<'a, Dense> for DenseNode<'a> {
 
     // `const` and `enum` compare in place, without building the node.
     fn equals_value(&self, expected: &Value) -> bool {
-        match expected {
-            Value::Null => self.is_null(),
-            Value::Bool(boolean) => self.as_boolean() == Some(*boolean),
-            Value::Number(number) => self
-                .as_number()
-                .is_some_and(|own| cmp::equal_numbers(&own, number)),
-            Value::String(string) => self.equals_str(string),
-            Value::Array(items) => self.array().is_some_and(|array| {
-                array.entry.count as usize == items.len()
-                    && array
-                        .elements()
-                        .zip(items)
-                        .all(|(element, item)| element.equals_value(item))
-            }),
-            Value::Object(map) => self.object().is_some_and(|object| {
-                object.entry.count as usize == map.len()
-                    && object.members().all(|(name, value)| {
-                        map.get(name.as_ref())
-                            .is_some_and(|expected| value.equals_value(expected))
-                    })
-            }),
-        }
+        json_in_place::equals_value(self, expected)
     }
 
     fn to_value(&self) -> Cow<'a, Value> {
@@ -967,56 +873,8 @@ impl<'a> Array<'a, Dense> for DenseArray<'a> {
         DenseArray::elements(self)
     }
 
-    // As the tape's: pairwise when short, else a 4-byte hash per element
-    // and a closer look only at the elements whose hash repeats.
     fn is_unique(&self) -> bool {
-        let count = self.entry.count as usize;
-        if count <= 1 {
-            return true;
-        }
-        if count <= PAIRWISE_UNIQUE {
-            let items: Vec<DenseNode<'a>> = self.elements().collect();
-            return items
-                .iter()
-                .enumerate()
-                .all(|(index, item)| items.iter().skip(index + 1).all(|other| !item.same(other)));
-        }
-        // Keys drawn per call, so a body cannot be made of colliding items.
-        let keys = RandomState::new();
-        let hash = |item: &DenseNode<'a>| {
-            let mut state = keys.build_hasher();
-            item.hash_into(&keys, &mut state);
-            // Truncated on purpose: a repeated hash is only a candidate.
-            state.finish() as u32
-        };
-        let mut hashes: Vec<u32> = self.elements().map(|item| hash(&item)).collect();
-        hashes.sort_unstable();
-        let mut repeated: Vec<u32> = Vec::new();
-        for pair in hashes.windows(2) {
-            if let [left, right] = pair
-                && left == right
-                && repeated.last() != Some(left)
-            {
-                repeated.push(*left);
-            }
-        }
-        drop(hashes);
-        if repeated.is_empty() {
-            return true;
-        }
-        let mut candidates: HashMap<u32, Vec<DenseNode<'a>>> = HashMap::new();
-        for item in self.elements() {
-            let short = hash(&item);
-            if repeated.binary_search(&short).is_err() {
-                continue;
-            }
-            let seen = candidates.entry(short).or_default();
-            if seen.iter().any(|other| item.same(other)) {
-                return false;
-            }
-            seen.push(item);
-        }
-        true
+        json_in_place::is_unique::<Dense, DenseNode<'a>>(self)
     }
 }
 
@@ -1084,7 +942,7 @@ mod tests {
                 assert_eq!(name, tape_name, "{value}");
                 let found = Object::get(&dense, &Dense::prepare_key(&name));
                 assert!(
-                    found.is_some_and(|found| found.same(&dense_value)),
+                    found.is_some_and(|found| json_in_place::same(&found, &dense_value)),
                     "{value}"
                 );
                 assert_alike(dense_value, tape_value);

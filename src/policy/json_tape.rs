@@ -39,16 +39,16 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::OnceLock;
 
-use jsonschema::json::{Array, Json, Node, NodeIdentity, Object, cmp};
+use jsonschema::json::{Array, Json, Node, NodeIdentity, Object};
 use jsonschema::types::JsonType;
 use jsonschema_value::LazyInstance;
 use serde::Deserialize;
 use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde_json::{Number, Value};
+
+use crate::policy::json_in_place::{self, InPlace};
 
 /// A container owning fewer bytes than this has no entry and is read instead.
 /// 32 keeps entries under half the body's size while a read stays short.
@@ -63,10 +63,6 @@ pub const TABLE_MEMBERS: u32 = 16;
 const NO_TABLE: u32 = u32::MAX;
 /// `Entry::names` of an object whose table the second pass has yet to build.
 const PENDING_TABLE: u32 = u32::MAX - 1;
-
-/// `jsonschema`'s own threshold: up to this many items `uniqueItems`
-/// compares pairwise rather than hashing.
-pub(super) const PAIRWISE_UNIQUE: usize = 15;
 
 /// The representation, for `jsonschema::options_for::<Tape>()`.
 pub struct Tape;
@@ -919,125 +915,43 @@ impl<'a> TapeNode<'a> {
         }
     }
 
-    /// JSON Schema equality of two nodes, without building either.
-    fn same(&self, other: &TapeNode<'a>) -> bool {
-        let kind = self.json_type();
-        if kind != other.json_type() {
-            return false;
-        }
-        match kind {
-            JsonType::Null => true,
-            JsonType::Boolean => self.as_boolean() == other.as_boolean(),
-            JsonType::Number | JsonType::Integer => match (self.as_number(), other.as_number()) {
-                (Some(left), Some(right)) => cmp::equal_numbers(&left, &right),
-                _ => false,
-            },
-            JsonType::String => match (self.0, other.0) {
-                (
-                    Repr::Body { doc, pos, .. },
-                    Repr::Body {
-                        doc: theirs,
-                        pos: at,
-                        ..
-                    },
-                ) => {
-                    let (left, right) =
-                        (string_at(doc.bytes(), pos), string_at(theirs.bytes(), at));
-                    let (left_raw, right_raw) =
-                        (raw(doc.bytes(), left), raw(theirs.bytes(), right));
-                    if left.escaped || right.escaped {
-                        Decoded::new(left_raw).eq(Decoded::new(right_raw))
-                    } else {
-                        left_raw == right_raw
-                    }
-                }
-                (_, Repr::Name(name)) => self.equals_str(name),
-                (Repr::Name(name), _) => other.equals_str(name),
-            },
-            JsonType::Array => match (self.array(), other.array()) {
-                (Some(left), Some(right)) => {
-                    left.count() == right.count()
-                        && left
-                            .elements()
-                            .zip(right.elements())
-                            .all(|(left, right)| left.same(&right))
-                }
-                _ => false,
-            },
-            JsonType::Object => match (self.object(), other.object()) {
-                (Some(left), Some(right)) => {
-                    left.count() == right.count()
-                        && left.members().all(|(name, value)| {
-                            right.find(&name).is_some_and(|other| value.same(&other))
-                        })
-                }
-                _ => false,
-            },
-        }
-    }
-
-    /// A hash that agrees with [`TapeNode::same`]: numbers by value (1 and
-    /// 1.0 alike), object members in any order.
-    fn hash_into(&self, keys: &RandomState, state: &mut impl Hasher) {
-        match self.json_type() {
-            JsonType::Null => state.write_u8(0),
-            JsonType::Boolean => state.write_u8(1 + u8::from(self.as_boolean() == Some(true))),
-            JsonType::Number | JsonType::Integer => {
-                state.write_u8(3);
-                if let Some(number) = self.as_number() {
-                    hash_number(&number, state);
+    /// Two strings alike once decoded, compared in the body's bytes when
+    /// neither has an escape.
+    fn same_string_in_body(&self, other: &TapeNode<'a>) -> bool {
+        match (self.0, other.0) {
+            (
+                Repr::Body { doc, pos, .. },
+                Repr::Body {
+                    doc: theirs,
+                    pos: at,
+                    ..
+                },
+            ) => {
+                let (left, right) = (string_at(doc.bytes(), pos), string_at(theirs.bytes(), at));
+                let (left_raw, right_raw) = (raw(doc.bytes(), left), raw(theirs.bytes(), right));
+                if left.escaped || right.escaped {
+                    Decoded::new(left_raw).eq(Decoded::new(right_raw))
+                } else {
+                    left_raw == right_raw
                 }
             }
-            JsonType::String => {
-                state.write_u8(4);
-                if let Some(string) = self.as_string() {
-                    state.write(string.as_bytes());
-                }
-                state.write_u8(0xff);
-            }
-            JsonType::Array => {
-                state.write_u8(5);
-                for element in self.array().into_iter().flat_map(|array| array.elements()) {
-                    element.hash_into(keys, state);
-                }
-                state.write_u8(0xfe);
-            }
-            JsonType::Object => {
-                let mut combined = 0_u64;
-                for (name, value) in self
-                    .object()
-                    .into_iter()
-                    .flat_map(|object| object.members())
-                {
-                    let mut member = keys.build_hasher();
-                    member.write(name.as_bytes());
-                    member.write_u8(0xff);
-                    value.hash_into(keys, &mut member);
-                    combined ^= member.finish();
-                }
-                state.write_u8(6);
-                state.write_u64(combined);
-            }
+            (_, Repr::Name(name)) => self.equals_str(name),
+            (Repr::Name(name), _) => other.equals_str(name),
         }
     }
 }
 
-/// Equal numbers (compared exactly, as `jsonschema` compares them) hash
-/// alike: integers by their value, whatever the type holding them.
-pub(super) fn hash_number(number: &Number, state: &mut impl Hasher) {
-    // Past 2^127 every float is whole and no u64 or i64 equals it.
-    const I128_RANGE: f64 = 1.7e38;
-    if let Some(value) = number.as_u64() {
-        state.write_i128(i128::from(value));
-    } else if let Some(value) = number.as_i64() {
-        state.write_i128(i128::from(value));
-    } else if let Some(value) = number.as_f64() {
-        if value.fract() == 0.0 && value.abs() < I128_RANGE {
-            // Whole and in range, so the conversion is exact.
-            state.write_i128(value as i128);
-        } else {
-            state.write_u64(value.to_bits());
-        }
+impl<'a> InPlace<'a, Tape> for TapeNode<'a> {
+    fn member(object: &TapeObject<'a>, key: &str) -> Option<Self> {
+        object.find(key)
+    }
+
+    fn equals_str(&self, expected: &str) -> bool {
+        TapeNode::equals_str(self, expected)
+    }
+
+    fn same_string(&self, other: &Self) -> bool {
+        self.same_string_in_body(other)
     }
 }
 
@@ -1132,28 +1046,7 @@ impl<'a> Node<'a, Tape> for TapeNode<'a> {
     // `const` and `enum` compare in place: the default builds the node as a
     // `Value`, which for a large node is the tree this module avoids.
     fn equals_value(&self, expected: &Value) -> bool {
-        match expected {
-            Value::Null => self.is_null(),
-            Value::Bool(boolean) => self.as_boolean() == Some(*boolean),
-            Value::Number(number) => self
-                .as_number()
-                .is_some_and(|own| cmp::equal_numbers(&own, number)),
-            Value::String(string) => self.equals_str(string),
-            Value::Array(items) => self.array().is_some_and(|array| {
-                array.count() == items.len()
-                    && array
-                        .elements()
-                        .zip(items)
-                        .all(|(element, item)| element.equals_value(item))
-            }),
-            Value::Object(map) => self.object().is_some_and(|object| {
-                object.count() == map.len()
-                    && object.members().all(|(name, value)| {
-                        map.get(name.as_ref())
-                            .is_some_and(|expected| value.equals_value(expected))
-                    })
-            }),
-        }
+        json_in_place::equals_value(self, expected)
     }
 
     fn to_value(&self) -> Cow<'a, Value> {
@@ -1352,57 +1245,9 @@ impl<'a> Array<'a, Tape> for TapeArray<'a> {
         TapeArray::elements(self)
     }
 
-    // The default builds every element as a `Value`. This holds 4 bytes
-    // per element (a hash), then only the elements whose hash repeats.
+    // The default builds every element as a `Value`.
     fn is_unique(&self) -> bool {
-        let count = self.count();
-        if count <= 1 {
-            return true;
-        }
-        if count <= PAIRWISE_UNIQUE {
-            let items: Vec<TapeNode<'a>> = self.elements().collect();
-            return items
-                .iter()
-                .enumerate()
-                .all(|(index, item)| items.iter().skip(index + 1).all(|other| !item.same(other)));
-        }
-        // Keys drawn per call, so a body cannot be made of colliding items.
-        let keys = RandomState::new();
-        let hash = |item: &TapeNode<'a>| {
-            let mut state = keys.build_hasher();
-            item.hash_into(&keys, &mut state);
-            // Truncated on purpose: a repeated hash is only a candidate.
-            state.finish() as u32
-        };
-        let mut hashes: Vec<u32> = Vec::with_capacity(count);
-        hashes.extend(self.elements().map(|item| hash(&item)));
-        hashes.sort_unstable();
-        let mut repeated: Vec<u32> = Vec::new();
-        for pair in hashes.windows(2) {
-            if let [left, right] = pair
-                && left == right
-                && repeated.last() != Some(left)
-            {
-                repeated.push(*left);
-            }
-        }
-        drop(hashes);
-        if repeated.is_empty() {
-            return true;
-        }
-        let mut candidates: HashMap<u32, Vec<TapeNode<'a>>> = HashMap::new();
-        for item in self.elements() {
-            let short = hash(&item);
-            if repeated.binary_search(&short).is_err() {
-                continue;
-            }
-            let seen = candidates.entry(short).or_default();
-            if seen.iter().any(|other| item.same(other)) {
-                return false;
-            }
-            seen.push(item);
-        }
-        true
+        json_in_place::is_unique::<Tape, TapeNode<'a>>(self)
     }
 }
 
@@ -1439,7 +1284,7 @@ impl<'a> Iterator for Elements<'a> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use jsonschema::json::JsonNumber;
+    use jsonschema::json::{JsonNumber, cmp};
     use proptest::collection::vec;
     use proptest::prelude::*;
     use serde_json::json;
@@ -1490,7 +1335,7 @@ pub(super) mod tests {
                     for (right, right_value) in elements.iter().zip(items).skip(index + 1).take(32)
                     {
                         assert_eq!(
-                            left.same(right),
+                            json_in_place::same(left, right),
                             cmp::equal(&items[index], right_value),
                             "{} vs {right_value}",
                             items[index]

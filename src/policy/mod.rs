@@ -6,6 +6,7 @@
 pub mod claims;
 pub mod csrf;
 pub mod json_dense;
+mod json_in_place;
 pub mod json_tape;
 pub mod jwt;
 pub mod limits;
