@@ -634,6 +634,32 @@ impl<'a> InPlace<'a, Dense> for DenseNode<'a> {
     fn equals_str(&self, expected: &str) -> bool {
         DenseNode::equals_str(self, expected)
     }
+
+    // In the body's bytes, decoding escapes on the fly: `as_string` would
+    // allocate a decoded copy of each string with an escape.
+    fn same_string(&self, other: &Self) -> bool {
+        match (self.0, other.0) {
+            (
+                Repr::Body { doc, index },
+                Repr::Body {
+                    doc: theirs,
+                    index: at,
+                },
+            ) => match (doc.entry(index), theirs.entry(at)) {
+                (Some(left), Some(right)) => {
+                    let (left_raw, right_raw) = (doc.raw(left), theirs.raw(right));
+                    if (left.flags | right.flags) & ESCAPED != 0 {
+                        Decoded::new(left_raw).eq(Decoded::new(right_raw))
+                    } else {
+                        left_raw == right_raw
+                    }
+                }
+                _ => self.as_string() == other.as_string(),
+            },
+            (_, Repr::Name(name)) => self.equals_str(name),
+            (Repr::Name(name), _) => other.equals_str(name),
+        }
+    }
 }
 
 impl Json for Dense {
@@ -1027,6 +1053,42 @@ mod tests {
             r#"{"": {}, "[]": [[], {}], "t": [true, false, null]}"#,
         ] {
             assert!(assert_sound(text.as_bytes()), "{text}");
+        }
+    }
+
+    #[test]
+    fn unique_items_compares_strings_and_numbers_as_written_differently() {
+        // Pairwise (up to 15 items) and hashed (more), each with a pair that
+        // is equal only once decoded, and without one.
+        let many = |extra: &str| {
+            let items: Vec<String> = (0..20).map(|i| format!(r#""k{i}""#)).collect();
+            format!("[{}{extra}]", items.join(","))
+        };
+        let texts = [
+            r#"["a", "\u0061"]"#.to_owned(),
+            r#"["ab", "a\u0062", "c"]"#.to_owned(),
+            r#"["x\"y", "x\u0022y"]"#.to_owned(),
+            r#"["\u00e9", "\u00E9", "é"]"#.to_owned(),
+            r#"["\n", "\u000a"]"#.to_owned(),
+            r#"["a", "b", "\u0063"]"#.to_owned(),
+            r#"[{"s": "\u0061", "n": 1}, {"n": 1.0, "s": "a"}]"#.to_owned(),
+            many(r#","\u006b7""#),
+            many(r#","\u006b77""#),
+            many(r#",{"a": ["\u006b1"]},{"a": ["k1"]}"#),
+            many(r#",1,1.0"#),
+        ];
+        for text in &texts {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let Some(items) = value.as_array() else {
+                panic!("{text}");
+            };
+            let expected = jsonschema::json::unique::is_unique(items);
+            let dense = Document::parse(text).unwrap();
+            let dense = dense.root().as_array().unwrap();
+            assert_eq!(dense.is_unique(), expected, "{text}");
+            let tape = json_tape::Document::parse(text).unwrap();
+            let tape = tape.root().as_array().unwrap();
+            assert_eq!(tape.is_unique(), expected, "{text}");
         }
     }
 

@@ -10,7 +10,9 @@
 //! name counting once, at its last occurrence).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::hash::{BuildHasher, Hasher};
+
+use ahash::RandomState;
 
 use jsonschema::json::{Array, Json, Node, Object, cmp};
 use jsonschema::types::JsonType;
@@ -181,13 +183,27 @@ pub(super) fn is_unique<'a, J: Json, N: InPlace<'a, J>>(array: &N::Array) -> boo
         return true;
     }
     if count <= PAIRWISE_UNIQUE {
-        let items: Vec<N> = array.elements().collect();
+        // On the stack: small arrays are the common case, often one per item
+        // of an outer array.
+        let mut elements = array.elements();
+        let Some(first) = elements.next() else {
+            return true;
+        };
+        let mut items = [first; PAIRWISE_UNIQUE];
+        let mut len = 1;
+        for (slot, item) in items.iter_mut().skip(1).zip(elements) {
+            *slot = item;
+            len += 1;
+        }
+        let items = items.get(..len).unwrap_or_default();
         return items
             .iter()
             .enumerate()
             .all(|(index, item)| items.iter().skip(index + 1).all(|other| !same(item, other)));
     }
     // Keys drawn per call, so a body cannot be made of colliding items.
+    // aHash rather than std's SipHash: keyed as well, and a third of the
+    // time a large array of objects took to check went into SipHash.
     let keys = RandomState::new();
     let hash = |item: &N| {
         let mut state = keys.build_hasher();
