@@ -30,7 +30,9 @@ use jsonschema_value::LazyInstance;
 use serde_json::{Number, Value};
 
 use crate::policy::json_in_place::{self, InPlace};
-use crate::policy::json_tape::{Decoded, decode, materialize, number_at, small_integer};
+use crate::policy::json_tape::{
+    Decoded, decode, materialize, number_at, same_content, small_integer,
+};
 
 /// `serde_json` refuses this many nested containers; the pass gives up at
 /// it and leaves the refusal (and its message) to the tape.
@@ -615,15 +617,6 @@ impl<'a> DenseNode<'a> {
         self.container(Kind::Array)
             .map(|(doc, index, entry)| DenseArray { doc, index, entry })
     }
-
-    fn equals_str(&self, expected: &str) -> bool {
-        match self.0 {
-            Repr::Body { doc, index } => doc
-                .entry(index)
-                .is_some_and(|entry| entry.kind == Kind::String && doc.string_is(entry, expected)),
-            Repr::Name(name) => name == expected,
-        }
-    }
 }
 
 impl<'a> InPlace<'a, Dense> for DenseNode<'a> {
@@ -632,7 +625,12 @@ impl<'a> InPlace<'a, Dense> for DenseNode<'a> {
     }
 
     fn equals_str(&self, expected: &str) -> bool {
-        DenseNode::equals_str(self, expected)
+        match self.0 {
+            Repr::Body { doc, index } => doc
+                .entry(index)
+                .is_some_and(|entry| entry.kind == Kind::String && doc.string_is(entry, expected)),
+            Repr::Name(name) => name == expected,
+        }
     }
 
     // In the body's bytes, decoding escapes on the fly: `as_string` would
@@ -646,14 +644,11 @@ impl<'a> InPlace<'a, Dense> for DenseNode<'a> {
                     index: at,
                 },
             ) => match (doc.entry(index), theirs.entry(at)) {
-                (Some(left), Some(right)) => {
-                    let (left_raw, right_raw) = (doc.raw(left), theirs.raw(right));
-                    if (left.flags | right.flags) & ESCAPED != 0 {
-                        Decoded::new(left_raw).eq(Decoded::new(right_raw))
-                    } else {
-                        left_raw == right_raw
-                    }
-                }
+                (Some(left), Some(right)) => same_content(
+                    doc.raw(left),
+                    theirs.raw(right),
+                    (left.flags | right.flags) & ESCAPED != 0,
+                ),
                 _ => self.as_string() == other.as_string(),
             },
             (_, Repr::Name(name)) => self.equals_str(name),

@@ -32,10 +32,9 @@ pub(super) trait InPlace<'a, J: Json>: Node<'a, J, Number = Number> + Copy {
     /// Whether this node is a string equal to `expected`.
     fn equals_str(&self, expected: &str) -> bool;
 
-    /// Whether two string nodes hold the same string once decoded.
-    fn same_string(&self, other: &Self) -> bool {
-        self.as_string() == other.as_string()
-    }
+    /// Whether two string nodes hold the same string once decoded, without
+    /// decoding either into a copy (`as_string` would, for an escape).
+    fn same_string(&self, other: &Self) -> bool;
 }
 
 /// JSON Schema equality of two nodes.

@@ -49,13 +49,13 @@ use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde_json::Number;
 
 mod node;
-#[cfg(test)]
+// Test-only: the file opens with `#![cfg(test)]`.
 pub(super) mod tests;
 mod text;
 
 pub(super) use node::materialize;
 pub use node::{Elements, Members, TapeArray, TapeNode, TapeObject};
-pub(super) use text::{Decoded, decode, number_at, small_integer};
+pub(super) use text::{Decoded, decode, number_at, same_content, small_integer};
 
 use node::Repr;
 use text::{Str, after_comma, byte, compare_quotes, scalar_end, skip_ws, string_at, to_pos};

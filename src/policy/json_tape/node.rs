@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::{Number, Value};
 
 use super::text::{
-    Decoded, Str, after_comma, byte, compare, compare_key, compare_quote_key, compare_quotes, raw,
-    skip_ws, string_at,
+    Str, after_comma, byte, compare, compare_key, compare_quote_key, compare_quotes, raw,
+    same_content, skip_ws, string_at,
 };
 use super::{Document, Entry, TABLE_MEMBERS, Tape};
 use crate::policy::json_in_place::{self, InPlace};
@@ -61,6 +61,12 @@ impl<'a> TapeNode<'a> {
             _ => None,
         }
     }
+}
+
+impl<'a> InPlace<'a, Tape> for TapeNode<'a> {
+    fn member(object: &TapeObject<'a>, key: &str) -> Option<Self> {
+        object.find(key)
+    }
 
     fn equals_str(&self, expected: &str) -> bool {
         match self.0 {
@@ -72,9 +78,7 @@ impl<'a> TapeNode<'a> {
         }
     }
 
-    /// Two strings alike once decoded, compared in the body's bytes when
-    /// neither has an escape.
-    fn same_string_in_body(&self, other: &TapeNode<'a>) -> bool {
+    fn same_string(&self, other: &Self) -> bool {
         match (self.0, other.0) {
             (
                 Repr::Body { doc, pos, .. },
@@ -85,30 +89,15 @@ impl<'a> TapeNode<'a> {
                 },
             ) => {
                 let (left, right) = (string_at(doc.bytes(), pos), string_at(theirs.bytes(), at));
-                let (left_raw, right_raw) = (raw(doc.bytes(), left), raw(theirs.bytes(), right));
-                if left.escaped || right.escaped {
-                    Decoded::new(left_raw).eq(Decoded::new(right_raw))
-                } else {
-                    left_raw == right_raw
-                }
+                same_content(
+                    raw(doc.bytes(), left),
+                    raw(theirs.bytes(), right),
+                    left.escaped || right.escaped,
+                )
             }
             (_, Repr::Name(name)) => self.equals_str(name),
             (Repr::Name(name), _) => other.equals_str(name),
         }
-    }
-}
-
-impl<'a> InPlace<'a, Tape> for TapeNode<'a> {
-    fn member(object: &TapeObject<'a>, key: &str) -> Option<Self> {
-        object.find(key)
-    }
-
-    fn equals_str(&self, expected: &str) -> bool {
-        TapeNode::equals_str(self, expected)
-    }
-
-    fn same_string(&self, other: &Self) -> bool {
-        self.same_string_in_body(other)
     }
 }
 

@@ -197,6 +197,16 @@ pub(in crate::policy) fn small_integer(bytes: &[u8], at: u32) -> Option<Number> 
     i64::try_from(value).ok().map(|value| Number::from(-value))
 }
 
+/// Whether two strings' contents (the raw text between their quotes) are
+/// the same string: byte for byte, or decoded when either has an escape.
+pub(in crate::policy) fn same_content(left: &[u8], right: &[u8], escaped: bool) -> bool {
+    if escaped {
+        Decoded::new(left).eq(Decoded::new(right))
+    } else {
+        left == right
+    }
+}
+
 /// The decoded bytes of a string's content, without allocating: what
 /// comparing and ordering names need.
 pub(in crate::policy) struct Decoded<'s> {
