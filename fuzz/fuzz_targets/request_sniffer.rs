@@ -3,7 +3,7 @@
 //!
 //! The sniffer's log is keyed by position: the n-th request hyper hands to
 //! the service must be the n-th head the sniffer saw, or a flag lands on the
-//! wrong request (`src/sniffer.rs`, "The invariant that ties it to hyper").
+//! wrong request (`src/sniffer/mod.rs`, "The invariant that ties it to hyper").
 //! hyper does not tell a handler whether a head had a `#fragment`, so the
 //! stream carries markers whose truth is known: every 0xFF byte of the input
 //! becomes `GET /s?NONCE#f HTTP/1.1` (a fragment: must be flagged), every
