@@ -33,5 +33,6 @@ pub mod sniffer;
 pub mod socket;
 pub mod telemetry;
 pub mod tls;
+pub mod tls_random;
 pub mod tunnel;
 pub mod upstream;

@@ -94,6 +94,7 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: PREFERRED_CIPHER_SUITES.to_vec(),
+        secure_random: &crate::tls_random::BUFFERED_RANDOM,
         ..rustls::crypto::aws_lc_rs::default_provider()
     });
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
