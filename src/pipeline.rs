@@ -166,7 +166,7 @@ async fn judge_and_forward(
     // checked, so nothing later is served: the request that ended the
     // following closes the connection behind its answer (see `handle`), and
     // any request hyper reads after it anyway is refused here. See "The
-    // invariant that ties it to hyper" in sniffer.rs before changing how
+    // invariant that ties it to hyper" in sniffer/mod.rs before changing how
     // either side counts.
     if !ctx.conn.is_h2 && !ctx.conn.anomalies.followed(request_index) {
         return Err(Rejection::BadRequest(
