@@ -20,8 +20,9 @@ use std::cell::RefCell;
 
 use rustls::crypto::{GetRandomFailed, SecureRandom};
 
-/// How many bytes one aws-lc call fetches: about three full handshakes'
-/// worth (136 bytes each with two tickets).
+/// How many bytes one aws-lc call fetches: about five full handshakes'
+/// worth (104 bytes each with two tickets: 32 for the hello random, 32 and
+/// 4 per ticket).
 const REFILL: usize = 512;
 
 /// Asks larger than this go to aws-lc directly: they are rare, and would
