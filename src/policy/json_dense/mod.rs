@@ -25,7 +25,7 @@ use std::cmp::Ordering;
 
 use serde_json::Number;
 
-use crate::policy::json_tape::{Decoded, decode, small_integer};
+use crate::policy::json_tape::{Decoded, decode, same_content, small_integer};
 
 mod node;
 mod scan;
@@ -271,9 +271,7 @@ impl<'a> Document<'a> {
 
     /// The raw text between a string's quotes.
     fn raw(&self, entry: &Entry) -> &'a [u8] {
-        self.bytes()
-            .get(entry.pos as usize + 1..entry.end as usize)
-            .unwrap_or_default()
+        raw_string(self.bytes(), entry)
     }
 
     fn string(&self, entry: &Entry) -> Cow<'a, str> {
@@ -421,28 +419,28 @@ fn close(
 /// Whether two names decode alike. Unescaped ones mostly differ in length
 /// or in their first byte, which are looked at before the rest.
 fn same_name(bytes: &[u8], left: &Entry, right: &Entry) -> bool {
-    if (left.flags | right.flags) & ESCAPED != 0 {
-        return compare_names(bytes, left, right) == Ordering::Equal;
+    let escaped = (left.flags | right.flags) & ESCAPED != 0;
+    let (left, right) = (raw_string(bytes, left), raw_string(bytes, right));
+    if escaped {
+        return same_content(left, right, true);
     }
-    let raw = |entry: &Entry| {
-        bytes
-            .get(entry.pos as usize + 1..entry.end as usize)
-            .unwrap_or_default()
-    };
-    let (left, right) = (raw(left), raw(right));
     left.len() == right.len() && left.first() == right.first() && left == right
 }
 
 /// Orders two names by their decoded bytes.
 fn compare_names(bytes: &[u8], left: &Entry, right: &Entry) -> Ordering {
-    let raw = |entry: &Entry| {
-        bytes
-            .get(entry.pos as usize + 1..entry.end as usize)
-            .unwrap_or_default()
-    };
-    if (left.flags | right.flags) & ESCAPED != 0 {
-        Decoded::new(raw(left)).cmp(Decoded::new(raw(right)))
+    let escaped = (left.flags | right.flags) & ESCAPED != 0;
+    let (left, right) = (raw_string(bytes, left), raw_string(bytes, right));
+    if escaped {
+        Decoded::new(left).cmp(Decoded::new(right))
     } else {
-        raw(left).cmp(raw(right))
+        left.cmp(right)
     }
+}
+
+/// The raw text between the quotes of the string `entry` is.
+fn raw_string<'b>(bytes: &'b [u8], entry: &Entry) -> &'b [u8] {
+    bytes
+        .get(entry.pos as usize + 1..entry.end as usize)
+        .unwrap_or_default()
 }
