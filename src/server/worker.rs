@@ -136,15 +136,7 @@ pub(super) async fn worker_loop(
             hand_over(tcp, peer, slot, serving, &shared);
             continue;
         }
-        refresh_builders(&mut builders, &shared);
-        shared.connections.spawn(serve_https(
-            tcp,
-            peer,
-            slot,
-            worker,
-            shared.clone(),
-            builders.clone(),
-        ));
+        serve_here(tcp, peer, slot, worker, &shared, &mut builders);
     }
 }
 
@@ -195,25 +187,33 @@ async fn serve_handovers(
                 continue;
             }
         };
-        refresh_builders(&mut builders, &shared);
-        shared.connections.spawn(serve_https(
-            tcp,
-            peer,
-            slot,
-            worker,
-            shared.clone(),
-            builders.clone(),
-        ));
+        serve_here(tcp, peer, slot, worker, &shared, &mut builders);
     }
 }
 
-/// A reload's max_header_bytes reaches hyper's buffer and HTTP/2
-/// header-list limits on connections accepted from now on.
-fn refresh_builders(builders: &mut Arc<HttpBuilders>, shared: &Shared) {
+/// Starts serving a connection on this worker, with the HTTP settings in
+/// force: a reload's max_header_bytes reaches hyper's buffer and HTTP/2
+/// header-list limits on connections accepted from then on.
+fn serve_here(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    worker: usize,
+    shared: &Arc<Shared>,
+    builders: &mut Arc<HttpBuilders>,
+) {
     let runtime = shared.runtime.load();
     if runtime.config.server.max_header_bytes != builders.max_header_bytes {
         *builders = Arc::new(http_builders(&runtime));
     }
+    shared.connections.spawn(serve_https(
+        tcp,
+        peer,
+        slot,
+        worker,
+        shared.clone(),
+        builders.clone(),
+    ));
 }
 
 /// How long a worker keeps the last free connection slot while nothing
