@@ -346,8 +346,8 @@ impl Drop for InFlight {
 /// open connections (`server::balance`), all given back on drop.
 ///
 /// It travels inside the connection's I/O object ([`ActivityIo::holding`]),
-/// so a connection that hyper hands over to a WebSocket tunnel keeps both
-/// until the tunnel closes, not only until the upgrade.
+/// so a connection that hyper hands over to a WebSocket tunnel keeps all
+/// three until the tunnel closes, not only until the upgrade.
 pub struct ConnectionSlot {
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,

@@ -4,10 +4,11 @@
 //! picks the listener by a hash of the connection's addresses and ports,
 //! not by how busy a worker is. With 64 keep-alive connections on two
 //! workers that hash typically leaves one with 35 and the other with 29
-//! for as long as they stay open, and every request on the fuller worker
-//! waits behind a fifth more of them: the tail latency is the fuller
-//! worker's. HAProxy's listeners likewise spread what they accept over
-//! their threads by load, and Envoy's `exact_balance` by connection count.
+//! for as long as they stay open, and two HTTP/2 connections share a
+//! worker half the time: on cores of its own, the fuller worker runs out
+//! of CPU while the other has some to spare. HAProxy's listeners likewise
+//! spread what they accept over their threads by load, and Envoy's
+//! `exact_balance` by connection count.
 //!
 //! So a worker that accepts a connection while it holds more than the
 //! least loaded worker hands the socket over to that worker, which does
@@ -24,9 +25,8 @@
 //! uneven share of them evens out as they close), and with 16 concurrent
 //! clients doing one request per connection about 40% are handed over;
 //! measured, that costs nothing visible (`bench/ab.sh`, full handshakes:
-//! 0.988 against the build before). Long ones gain the most: two HTTP/2
-//! connections land on the same worker half the time, and that worker's
-//! core then does all the work while the other idles.
+//! 0.999 and 0.988 against the build before). Long ones gain the most
+//! (`bench/spread.sh`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
