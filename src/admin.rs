@@ -89,7 +89,6 @@ async fn answer(request: &Request<Incoming>, shared: &Shared) -> Response<Full<B
                 let runtime = shared.runtime.load();
                 runtime.upstreams.refresh_gauges(&shared.metrics);
                 runtime.refresh_cert_gauges(&shared.metrics);
-                shared.loads.refresh_gauges(&shared.metrics);
                 shared.metrics.encode()
             },
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

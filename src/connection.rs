@@ -341,28 +341,23 @@ impl Drop for InFlight {
     }
 }
 
-/// A client connection's claim on `max_connections`, its place in the
-/// `portcullis_active_connections` gauge and in its worker's count of
-/// open connections (`server::balance`), all given back on drop.
+/// A client connection's claim on `max_connections` and its place in the
+/// `portcullis_active_connections` gauge, both given back on drop.
 ///
 /// It travels inside the connection's I/O object ([`ActivityIo::holding`]),
-/// so a connection that hyper hands over to a WebSocket tunnel keeps all
-/// three until the tunnel closes, not only until the upgrade.
+/// so a connection that hyper hands over to a WebSocket tunnel keeps both
+/// until the tunnel closes, not only until the upgrade.
 pub struct ConnectionSlot {
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
-    worker: usize,
 }
 
 impl ConnectionSlot {
-    /// Counts the connection against `worker`, the one that will serve it.
-    pub fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit, worker: usize) -> Self {
+    pub fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
         shared.metrics.active_connections.inc();
-        shared.loads.opened(worker);
         ConnectionSlot {
             shared,
             _permit: permit,
-            worker,
         }
     }
 }
@@ -370,7 +365,6 @@ impl ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.shared.metrics.active_connections.dec();
-        self.shared.loads.closed(self.worker);
     }
 }
 

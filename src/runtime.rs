@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use http::HeaderName;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,7 +27,6 @@ use crate::policy::method;
 use crate::policy::rate_limit::{RouteLimiter, SharedQuota};
 use crate::redis_limits::RedisLimits;
 use crate::routes::{RouteRuntime, RouteTable};
-use crate::server::balance::{Handover, WorkerLoads};
 use crate::telemetry::{Metrics, NameLabels, RouteMetrics};
 use crate::upstream::Upstreams;
 
@@ -291,22 +290,12 @@ pub struct Shared {
     pub connections: TaskTracker,
     pub listeners_ready: AtomicBool,
     pub workers: usize,
-    /// Each worker's open HTTPS connections, for spreading new ones evenly.
-    pub loads: WorkerLoads,
-    /// Each worker's queue of connections another worker accepted for it.
-    pub handovers: Vec<mpsc::UnboundedSender<Handover>>,
 }
 
 impl Shared {
-    /// The shared state, and each worker's end of its handover queue.
-    pub fn new(
-        runtime: Runtime,
-        workers: usize,
-        metrics: Metrics,
-    ) -> (Arc<Self>, Vec<mpsc::UnboundedReceiver<Handover>>) {
+    pub fn new(runtime: Runtime, workers: usize, metrics: Metrics) -> Arc<Self> {
         let max_connections = runtime.config.server.max_connections;
-        let (handovers, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             permits: Arc::new(Semaphore::new(max_connections)),
@@ -315,9 +304,6 @@ impl Shared {
             connections: TaskTracker::new(),
             listeners_ready: AtomicBool::new(false),
             workers,
-            loads: WorkerLoads::new(workers),
-            handovers,
-        });
-        (shared, receivers)
+        })
     }
 }

@@ -251,11 +251,6 @@ pub struct NameLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WorkerLabels {
-    pub worker: u32,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -354,8 +349,6 @@ pub struct Metrics {
     pub client_aborts: Counter,
     pub rejections: Family<ReasonLabels, Counter>,
     pub active_connections: Gauge<i64, AtomicI64>,
-    /// The same per worker thread (`server::balance`), set at each scrape.
-    pub worker_connections: Family<WorkerLabels, Gauge>,
     pub tls_handshakes: Family<VersionLabels, Counter>,
     /// 1 while the last `[redis]` operation succeeded; 0 before the first,
     /// while the circuit is open, and without `[redis]`.
@@ -387,7 +380,6 @@ impl Metrics {
         let log_lines_dropped = Counter::default();
         let rejections = Family::<ReasonLabels, Counter>::default();
         let active_connections = Gauge::<i64, AtomicI64>::default();
-        let worker_connections = Family::<WorkerLabels, Gauge>::default();
         let tls_handshakes = Family::<VersionLabels, Counter>::default();
         let redis_up = Gauge::default();
         let redis_errors = Family::<KindLabels, Counter>::default();
@@ -458,11 +450,6 @@ impl Metrics {
             active_connections.clone(),
         );
         registry.register(
-            "worker_connections",
-            "Client connections currently open on each worker thread",
-            worker_connections.clone(),
-        );
-        registry.register(
             "tls_handshakes",
             "Completed TLS handshakes, by protocol version",
             tls_handshakes.clone(),
@@ -507,7 +494,6 @@ impl Metrics {
             log_lines_dropped,
             rejections,
             active_connections,
-            worker_connections,
             tls_handshakes,
             redis_up,
             redis_errors,

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::{
     Proxy, ProxyConfig, Upstream, active_connections, eventually, parse_responses, read_responses,
-    read_until_closed, wait_active, worker_connections,
+    read_until_closed,
 };
 
 async fn proxy_with(upstream: &Upstream, server: &str, rest: &str) -> Proxy {
@@ -788,73 +788,6 @@ async fn max_connections_below_the_worker_count_still_serves_every_client() {
         assert_eq!(answer.status, 200);
     }
     assert_eq!(upstream.count(), 12);
-}
-
-// ---------------------------------------------------------------- workers
-
-/// The kernel spreads new connections over the workers' listeners by a
-/// hash of their addresses, not by how busy each worker is; the proxy
-/// evens out what it is given (`server::balance`), so that a few
-/// long-lived connections do not all load one worker. Sixteen connections
-/// opened one after another and kept open (half of them HTTP/2) end up
-/// eight on each worker, where the hash alone would leave them even one
-/// time in five; and every one of them, whichever worker accepted it and
-/// whichever serves it, goes on serving.
-#[tokio::test]
-async fn long_lived_connections_are_spread_evenly_over_the_workers() {
-    let upstream = Upstream::start().await;
-    let proxy = proxy_with(&upstream, "", "").await;
-    let admin = proxy.admin.expect("admin listener");
-    // Nothing left open by the harness's start-up.
-    assert_eq!(wait_active(admin, 0, Duration::from_secs(5)).await, Some(0));
-    let client = proxy.client();
-    let mut h1s = Vec::new();
-    let mut h2s = Vec::new();
-    for i in 0..8 {
-        let mut h1 = client.h1().await;
-        let path = format!("/h1/{i}");
-        let answer = common::send(&mut h1, Method::GET, &path, &[], Bytes::new()).await;
-        assert_eq!(answer.status, 200);
-        h1s.push(h1);
-        let mut h2 = client.h2().await;
-        assert_eq!(h2_get(&mut h2, &format!("/h2/{i}")).await, 200);
-        h2s.push(h2);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut counts = worker_connections(admin).await;
-    // A count is raised when a connection is placed, before its handshake,
-    // so all sixteen are counted already; the loop only rides out a scrape
-    // that failed.
-    while counts.as_deref() != Some(&[8, 8][..]) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        counts = worker_connections(admin).await;
-    }
-    assert_eq!(counts, Some(vec![8, 8]));
-    for (i, h1) in h1s.iter_mut().enumerate() {
-        let path = format!("/h1/{i}/again");
-        let answer = common::send(h1, Method::GET, &path, &[], Bytes::new()).await;
-        assert_eq!(answer.status, 200, "HTTP/1.1 connection {i}");
-    }
-    for (i, h2) in h2s.iter_mut().enumerate() {
-        assert_eq!(
-            h2_get(h2, &format!("/h2/{i}/again")).await,
-            200,
-            "HTTP/2 connection {i}"
-        );
-    }
-    assert_eq!(upstream.count(), 32);
-}
-
-async fn h2_get(
-    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    path: &str,
-) -> http::StatusCode {
-    let request = Request::builder()
-        .uri(format!("https://localhost{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = sender.send_request(request).await.expect("HTTP/2 request");
-    common::collect(response).await.status
 }
 
 /// `send_timeout`: a client that stops reading a large response is cut off

@@ -13,14 +13,11 @@
 //!
 //! This file binds the listeners and starts the threads ([`run`]); then:
 //!
-//! * `balance.rs`: which worker serves a connection, when the kernel's
-//!   spread of them over the listeners has left one worker fuller;
 //! * `worker.rs`: a worker's accept loop and the life of one HTTPS
 //!   connection (TLS handshake, hyper, the header-read and idle deadlines);
 //! * `control.rs`: signals, reload, drain and maintenance on the control thread;
 //! * `redirect_listener.rs`: the plain-HTTP listener that redirects to HTTPS.
 
-pub mod balance;
 mod control;
 pub mod plain_listener;
 mod redirect_listener;
@@ -123,7 +120,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let config_path = config.path.clone();
     let metrics = crate::telemetry::Metrics::new();
     let runtime = Runtime::build(config, workers, None, &metrics)?;
-    let (shared, handovers) = Shared::new(runtime, workers, metrics);
+    let shared = Shared::new(runtime, workers, metrics);
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -145,7 +142,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     eprintln!("portcullis: https listening on {https_addr}");
 
     let mut threads = Vec::new();
-    for (worker, (listener, handovers)) in https.into_iter().zip(handovers).enumerate() {
+    for (worker, listener) in https.into_iter().enumerate() {
         let shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -165,7 +162,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     };
                     rt.block_on(async move {
                         tokio::spawn(crate::access_log::flush_periodically());
-                        worker::worker_loop(worker, listener, handovers, shared.clone()).await;
+                        worker::worker_loop(worker, listener, shared.clone()).await;
                         // The listener is closed now, but this runtime still
                         // drives the connections it accepted (and their
                         // upstream legs): dropping it would cut requests in

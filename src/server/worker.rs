@@ -1,8 +1,6 @@
 //! One worker thread's accept loop, and the life of each HTTPS connection
-//! it serves (those it accepts, less those it hands to a less loaded worker,
-//! plus those handed to it: `balance.rs`): a `max_connections` slot, the TLS
-//! handshake, hyper's HTTP/1.1 or HTTP/2 connection as ALPN chose, and the
-//! header-read and idle deadlines.
+//! it accepts: a `max_connections` slot, the TLS handshake, hyper's HTTP/1.1
+//! or HTTP/2 connection as ALPN chose, and the header-read and idle deadlines.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,12 +13,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::connection::{Activity, ActivityIo, ConnInfo, ConnectionSlot, CutOff, Expiry, Timeouts};
 use crate::h2_flood::ControlFrameGuard;
 use crate::runtime::{Runtime, Shared};
-use crate::server::balance::Handover;
 use crate::sniffer::{AnomalyLog, RequestHeadSniffer};
 use crate::socket::ClientSocket;
 use crate::telemetry;
@@ -58,7 +55,6 @@ fn http_builders(runtime: &Runtime) -> HttpBuilders {
 pub(super) async fn worker_loop(
     worker: usize,
     listener: std::net::TcpListener,
-    handovers: mpsc::UnboundedReceiver<Handover>,
     shared: Arc<Shared>,
 ) {
     let listener = match TcpListener::from_std(listener) {
@@ -75,7 +71,6 @@ pub(super) async fn worker_loop(
     if let Some(redis) = &shared.runtime.load().redis {
         redis.warm(worker);
     }
-    tokio::spawn(serve_handovers(worker, handovers, shared.clone()));
     // Fires when some worker takes the last free slot. Registered before
     // each look at the free slots, so that running out while this worker
     // waits for a connection is never missed.
@@ -130,90 +125,25 @@ pub(super) async fn worker_loop(
                 continue;
             }
         };
-        let serving = shared.loads.place(worker);
-        let slot = ConnectionSlot::new(shared.clone(), permit, serving);
-        if serving != worker {
-            hand_over(tcp, peer, slot, serving, &shared);
-            continue;
-        }
-        serve_here(tcp, peer, slot, worker, &shared, &mut builders);
-    }
-}
-
-/// Sends a connection this worker accepted to `serving`'s queue
-/// (`server::balance`). The socket leaves this worker's reactor first: the
-/// other worker registers it with its own.
-fn hand_over(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-    serving: usize,
-    shared: &Shared,
-) {
-    let tcp = match tcp.into_std() {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            tracing::warn!(%error, "cannot hand a connection over to another worker");
-            return;
-        }
-    };
-    if let Some(queue) = shared.handovers.get(serving) {
-        // Refused only once that worker has stopped for shutdown, when
-        // this connection would not be served either: it closes.
-        let _ = queue.send(Handover { tcp, peer, slot });
-    }
-}
-
-/// Serves, on this worker, the connections other workers accepted for it,
-/// until shutdown.
-async fn serve_handovers(
-    worker: usize,
-    mut handovers: mpsc::UnboundedReceiver<Handover>,
-    shared: Arc<Shared>,
-) {
-    let mut builders = Arc::new(http_builders(&shared.runtime.load()));
-    loop {
-        let handover = tokio::select! {
-            handover = handovers.recv() => handover,
-            () = shared.shutdown.cancelled() => None,
-        };
-        let Some(Handover { tcp, peer, slot }) = handover else {
-            return;
-        };
-        let tcp = match TcpStream::from_std(tcp) {
-            Ok(tcp) => tcp,
-            Err(error) => {
-                tracing::warn!(%error, worker, "cannot register a handed-over connection");
-                continue;
+        {
+            // A reload's max_header_bytes reaches hyper's buffer and HTTP/2
+            // header-list limits on connections accepted from now on.
+            let runtime = shared.runtime.load();
+            if runtime.config.server.max_header_bytes != builders.max_header_bytes {
+                builders = Arc::new(http_builders(&runtime));
             }
-        };
-        serve_here(tcp, peer, slot, worker, &shared, &mut builders);
+        }
+        let shared_for_task = shared.clone();
+        let builders = builders.clone();
+        shared.connections.spawn(serve_https(
+            tcp,
+            peer,
+            permit,
+            worker,
+            shared_for_task,
+            builders,
+        ));
     }
-}
-
-/// Starts serving a connection on this worker, with the HTTP settings in
-/// force: a reload's max_header_bytes reaches hyper's buffer and HTTP/2
-/// header-list limits on connections accepted from then on.
-fn serve_here(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-    worker: usize,
-    shared: &Arc<Shared>,
-    builders: &mut Arc<HttpBuilders>,
-) {
-    let runtime = shared.runtime.load();
-    if runtime.config.server.max_header_bytes != builders.max_header_bytes {
-        *builders = Arc::new(http_builders(&runtime));
-    }
-    shared.connections.spawn(serve_https(
-        tcp,
-        peer,
-        slot,
-        worker,
-        shared.clone(),
-        builders.clone(),
-    ));
 }
 
 /// How long a worker keeps the last free connection slot while nothing
@@ -235,13 +165,14 @@ async fn acquire_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
 async fn serve_https(
     tcp: TcpStream,
     peer: SocketAddr,
-    // Held by the connection's I/O from the handshake on, so that a
-    // WebSocket tunnel keeps the slot until it closes.
-    slot: ConnectionSlot,
+    permit: OwnedSemaphorePermit,
     worker: usize,
     shared: Arc<Shared>,
     builders: Arc<HttpBuilders>,
 ) {
+    // Held by the connection's I/O from the handshake on, so that a
+    // WebSocket tunnel keeps the slot until it closes.
+    let slot = ConnectionSlot::new(shared.clone(), permit);
     let runtime = shared.runtime.load_full();
     let header_timeout = runtime.config.server.header_read_timeout;
     let idle_timeout = runtime.config.server.idle_timeout;

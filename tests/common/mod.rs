@@ -829,37 +829,16 @@ pub fn open_sockets(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// The admin listener's `/metrics` text.
-pub async fn metrics_text(admin: SocketAddr) -> Option<String> {
+/// `portcullis_active_connections` from the admin listener.
+pub async fn active_connections(admin: SocketAddr) -> Option<i64> {
     let mut tcp = TcpStream::connect(admin).await.ok()?;
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
         .await
         .ok()?;
     let (text, _) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
-    Some(text)
-}
-
-/// `portcullis_active_connections` from the admin listener.
-pub async fn active_connections(admin: SocketAddr) -> Option<i64> {
-    metrics_text(admin)
-        .await?
-        .lines()
+    text.lines()
         .find_map(|l| l.strip_prefix("portcullis_active_connections "))
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// `portcullis_worker_connections`, worker 0 first.
-pub async fn worker_connections(admin: SocketAddr) -> Option<Vec<i64>> {
-    let text = metrics_text(admin).await?;
-    let mut counts = Vec::new();
-    for worker in 0.. {
-        let prefix = format!("portcullis_worker_connections{{worker=\"{worker}\"}} ");
-        match text.lines().find_map(|l| l.strip_prefix(prefix.as_str())) {
-            Some(value) => counts.push(value.trim().parse().ok()?),
-            None => break,
-        }
-    }
-    Some(counts)
 }
 
 /// Waits until the admin gauge reads `want`; returns the last reading.
