@@ -41,9 +41,9 @@ PORT="${PORT:-21443}"
 UPSTREAM_PORT="${UPSTREAM_PORT:-21080}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
-for tool in nginx h2load openssl curl python3; do
-    command -v "$tool" >/dev/null || { echo "ab.sh: needs $tool" >&2; exit 1; }
-done
+# shellcheck source=bench/lab.sh
+. "$HERE/lab.sh"
+lab_need ab.sh nginx h2load openssl curl python3
 for s in $SCENARIOS; do
     case "$s" in hs | h2 | h1) ;; *) echo "ab.sh: unknown scenario '$s'" >&2; exit 2 ;; esac
 done
@@ -53,8 +53,6 @@ for bin in "$1" "$2"; do
     BINS+=("$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")")
 done
 
-# shellcheck source=bench/lab.sh
-. "$HERE/lab.sh"
 lab_setup ab
 lab_proxy_toml "$WORKERS"
 

@@ -30,14 +30,12 @@ PORT="${PORT:-21443}"
 UPSTREAM_PORT="${UPSTREAM_PORT:-21080}"
 LOG_LEVEL="${LOG_LEVEL:-warn}"
 
-for tool in valgrind callgrind_control nginx h2load openssl curl; do
-    command -v "$tool" >/dev/null || { echo "instructions.sh: needs $tool" >&2; exit 1; }
-done
+# shellcheck source=bench/lab.sh
+. "$(dirname "$0")/lab.sh"
+lab_need instructions.sh valgrind callgrind_control nginx h2load openssl curl
 [[ -x "$BIN" ]] || { echo "instructions.sh: no executable at $BIN (cargo build --release)" >&2; exit 1; }
 BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
 
-# shellcheck source=bench/lab.sh
-. "$(dirname "$0")/lab.sh"
 lab_setup instructions
 lab_proxy_toml 1
 

@@ -7,6 +7,15 @@
 # optional) and keeps the started proxy's PID in PROXY_PID; the EXIT trap
 # set here stops the proxy and the upstream.
 
+# lab_need SCRIPT TOOL...: exits, naming the first TOOL missing from PATH.
+lab_need() {
+    local script="$1" tool
+    shift
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || { echo "$script: needs $tool" >&2; exit 1; }
+    done
+}
+
 # lab_setup NAME: T, the directory (/tmp/portcullis-NAME.XXXXXX), with
 # key.pem and cert.pem; the upstream running on UPSTREAM_PORT.
 lab_setup() {

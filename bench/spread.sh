@@ -32,17 +32,15 @@ PORT="${PORT:-22443}"
 UPSTREAM_PORT="${UPSTREAM_PORT:-22080}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
-for tool in nginx h2load openssl curl python3; do
-    command -v "$tool" >/dev/null || { echo "spread.sh: needs $tool" >&2; exit 1; }
-done
+# shellcheck source=bench/lab.sh
+. "$HERE/lab.sh"
+lab_need spread.sh nginx h2load openssl curl python3
 BINS=()
 for bin in "$@"; do
     [[ -x "$bin" ]] || { echo "spread.sh: no executable at $bin" >&2; exit 1; }
     BINS+=("$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")")
 done
 
-# shellcheck source=bench/lab.sh
-. "$HERE/lab.sh"
 lab_setup spread
 lab_proxy_toml "$WORKERS"
 
