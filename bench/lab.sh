@@ -1,4 +1,6 @@
-# What bench/instructions.sh and bench/ab.sh share, sourced by both: a
+# shellcheck shell=bash
+# What bench/instructions.sh, bench/ab.sh and bench/spread.sh share,
+# sourced by each: a
 # temporary directory with a certificate, the nginx upstream answering `ok`,
 # the proxy's configuration, and waiting for a proxy to answer. bench/run.sh
 # keeps its own, richer set-up (peers, status page, several upstreams).
