@@ -74,6 +74,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 
 mod framing;
+#[cfg(test)]
 mod tests;
 mod tokens;
 

@@ -2,8 +2,6 @@
 //! requests served by hyper must be the ones flagged), and against
 //! generated and arbitrary bytes in pieces of every size.
 
-#![cfg(test)]
-
 use super::framing::{State, Tracker};
 use super::*;
 use proptest::prelude::*;

@@ -52,6 +52,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 mod body;
+#[cfg(test)]
 mod tests;
 mod websocket;
 

@@ -1,8 +1,6 @@
 //! The mock over real loopback sockets: the echo, each special path, bodies
 //! streamed both ways, the recorder, upgrades and shutdown.
 
-#![cfg(test)]
-
 use super::body::{CHUNK_BYTES, PATTERN};
 use super::*;
 use futures_util::{SinkExt, StreamExt};

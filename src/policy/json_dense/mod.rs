@@ -29,6 +29,7 @@ use crate::policy::json_tape::{Decoded, decode, same_content, small_integer};
 
 mod node;
 mod scan;
+#[cfg(test)]
 mod tests;
 
 pub use node::{DenseArray, DenseNode, DenseObject, Elements, Members};

@@ -2,8 +2,6 @@
 //! the validator calls must agree), and against jsonschema's own
 //! `uniqueItems` on values written differently.
 
-#![cfg(test)]
-
 use jsonschema::json::{Array, Json, Node, Object};
 use jsonschema::types::JsonType;
 use serde_json::Value;

@@ -49,7 +49,7 @@ use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde_json::Number;
 
 mod node;
-// Test-only: the file opens with `#![cfg(test)]`.
+#[cfg(test)]
 pub(super) mod tests;
 mod text;
 

@@ -2,8 +2,6 @@
 //! `policy::json_dense` and `policy::schema` test against the same
 //! documents and schemas.
 
-#![cfg(test)]
-
 use std::sync::OnceLock;
 
 use jsonschema::json::{Array, Json, JsonNumber, Node, Object, cmp};

@@ -29,7 +29,7 @@ mod jwks_url;
 mod keys;
 mod remote;
 mod settings;
-// Test-only: the file opens with `#![cfg(test)]`.
+#[cfg(test)]
 pub(crate) mod test_support;
 mod verified;
 mod verify;

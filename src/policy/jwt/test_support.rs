@@ -1,8 +1,6 @@
 //! Keys, tokens and settings shared by the JWT unit tests (minting's too),
 //! and [`FakeSource`], a key source that needs no socket.
 
-#![cfg(test)]
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
