@@ -129,14 +129,26 @@ impl RemoteKeys {
         self.loaded.load(Ordering::Acquire)
     }
 
-    /// Fetches and, on success, replaces the whole key set. Call with
-    /// `fetch` locked, so fetches never overlap.
-    async fn fetch_locked(&self, why: &'static str) -> bool {
+    /// Fetches and, on success, replaces the whole key set, under `lock`
+    /// (the `fetch` mutex's guard, so fetches never overlap), then releases
+    /// the lock and only then announces the fetch's end. In that order, a
+    /// caller that finds the lock taken is sure to hear of the fetch that
+    /// holds it: had the announcement come first, a caller arriving between
+    /// it and the release would wait for a fetch that had already ended.
+    async fn fetch_and_announce<Lock>(&self, lock: Lock, why: &'static str) -> bool {
+        let fetched = self.fetch_keys(why).await;
+        drop(lock);
+        self.fetches_done.send_modify(|done| *done += 1);
+        fetched
+    }
+
+    /// One fetch; on success it replaces the whole key set.
+    async fn fetch_keys(&self, why: &'static str) -> bool {
         let result = match tokio::time::timeout(self.fetch_timeout, self.source.fetch()).await {
             Ok(result) => result,
             Err(_) => Err(format!("timed out after {:?}", self.fetch_timeout)),
         };
-        let fetched = match result {
+        match result {
             Ok(set) => {
                 if set.is_empty() {
                     tracing::warn!(jwks_url = %self.source.name(), trigger = why, "JWKS fetched but holds no usable key; tokens from it will be refused");
@@ -151,42 +163,57 @@ impl RemoteKeys {
                 tracing::warn!(jwks_url = %self.source.name(), trigger = why, error = %e, "JWKS fetch failed; keeping the last good keys");
                 false
             }
-        };
-        // Announced only once the new set is in place: a waiter in
-        // `refetch_for_kid` looks the kid up as soon as it is told.
-        self.fetches_done.send_modify(|done| *done += 1);
-        fetched
+        }
     }
 
-    /// The unknown-`kid` path: starts a refetch unless one happened within
-    /// `min_refetch_interval`, on a task of its own, and waits for it — or
-    /// for the fetch already under way (the start fetch, a refresh, another
-    /// caller's) — for at most [`UNKNOWN_KID_WAIT`]. Concurrent callers share
-    /// that one fetch, and an unreachable JWKS endpoint costs each of them
-    /// two seconds, not the fetch timeout. Returns whether a retry of the
-    /// lookup can succeed.
+    /// The unknown-`kid` path: waits for the fetch under way, if any, then,
+    /// when the kid is still unknown, starts a refetch of its own unless one
+    /// started within `min_refetch_interval`, on a task of its own, and
+    /// waits for that. The fetch under way may have started before the key
+    /// was published (a refresh, or the start fetch finishing), so it alone
+    /// does not settle the question. Concurrent callers share these fetches,
+    /// and the whole wait is at most [`UNKNOWN_KID_WAIT`]: an unreachable
+    /// JWKS endpoint costs each of them two seconds, not the fetch timeout.
+    /// Returns whether a retry of the lookup can succeed.
     pub(super) async fn refetch_for_kid(self: &Arc<Self>, kid: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + UNKNOWN_KID_WAIT;
         // Subscribed before the first look, so a fetch that ends between the
         // look and the wait still wakes it.
         let mut done = self.fetches_done.subscribe();
-        if self.keys.load().has_kid(kid) {
-            return true;
-        }
-        if let Ok(mut state) = self.fetch.clone().try_lock_owned() {
-            if state
-                .last_on_demand
-                .is_some_and(|last| last.elapsed() < self.min_refetch_interval)
-            {
-                return false;
+        loop {
+            // Only an end announced after this look is news to it.
+            done.borrow_and_update();
+            if self.keys.load().has_kid(kid) {
+                return true;
             }
-            state.last_on_demand = Some(Instant::now());
-            let remote = Arc::clone(self);
-            tokio::spawn(async move {
-                let _state = state;
-                remote.fetch_locked("unknown kid").await;
-            });
+            match self.fetch.clone().try_lock_owned() {
+                Ok(mut state) => {
+                    if state
+                        .last_on_demand
+                        .is_some_and(|last| last.elapsed() < self.min_refetch_interval)
+                    {
+                        return false;
+                    }
+                    state.last_on_demand = Some(Instant::now());
+                    let remote = Arc::clone(self);
+                    let own = tokio::spawn(async move {
+                        remote.fetch_and_announce(state, "unknown kid").await
+                    });
+                    // Awaited by its handle, not by announcement: the fetch
+                    // before it may announce its end while this one runs.
+                    // On timeout the fetch goes on for later requests.
+                    let _ = tokio::time::timeout_at(deadline, own).await;
+                    break;
+                }
+                // Taken: a fetch is under way, and its end will be announced.
+                Err(_) => {
+                    let announced = tokio::time::timeout_at(deadline, done.changed()).await;
+                    if !matches!(announced, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+            }
         }
-        let _ = tokio::time::timeout(UNKNOWN_KID_WAIT, done.changed()).await;
         self.keys.load().has_kid(kid)
     }
 
@@ -201,11 +228,11 @@ impl RemoteKeys {
     ) {
         let mut ok = {
             let Some(remote) = weak.upgrade() else { return };
-            let _guard = match start {
+            let lock = match start {
                 Some(guard) => guard,
                 None => remote.fetch.clone().lock_owned().await,
             };
-            remote.fetch_locked("start").await
+            remote.fetch_and_announce(lock, "start").await
         };
         let mut backoff = Duration::from_secs(1);
         loop {
@@ -218,8 +245,8 @@ impl RemoteKeys {
             };
             tokio::time::sleep(delay).await;
             let Some(remote) = weak.upgrade() else { return };
-            let _guard = remote.fetch.lock().await;
-            let fetched = remote.fetch_locked("refresh").await;
+            let lock = remote.fetch.lock().await;
+            let fetched = remote.fetch_and_announce(lock, "refresh").await;
             ok = fetched || remote.loaded.load(Ordering::Acquire);
         }
     }
@@ -301,6 +328,33 @@ mod tests {
         // The allowance is spent for this interval: c is unknown, no fetch.
         source.serve(jwks(&[ec_c().jwk("c")]));
         assert!(!keys.refetch_for_kid("c").await);
+        assert_eq!(source.fetches(), 2);
+        assert!(keys.current().has_kid("b"));
+    }
+
+    /// The fetch under way when the request comes began before the key was
+    /// published: the request still gets a refetch of its own after it.
+    #[tokio::test]
+    async fn a_key_published_during_a_fetch_is_fetched_after_it() {
+        let source = FakeSource::new(&["ES256"], jwks(&[ec_a().jwk("a")]));
+        source.hold();
+        let keys = remote(&source, HOUR, HOUR);
+        let _fetcher = KeyFetcher::start(&keys).unwrap();
+        wait_until("the start fetch under way", || source.fetches() == 1).await;
+        source.serve(jwks(&[ec_a().jwk("a"), ec_b().jwk("b")]));
+
+        let caller = tokio::spawn({
+            let keys = keys.clone();
+            async move { keys.refetch_for_kid("b").await }
+        });
+        // Subscribed, found the lock taken and waiting, all in its first
+        // poll on this single-threaded runtime.
+        wait_until("the caller waiting", || {
+            keys.fetches_done.receiver_count() == 1
+        })
+        .await;
+        source.release();
+        assert!(caller.await.unwrap(), "b is known after the refetch");
         assert_eq!(source.fetches(), 2);
         assert!(keys.current().has_kid("b"));
     }

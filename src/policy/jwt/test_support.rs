@@ -108,6 +108,8 @@ pub(crate) struct FakeSource {
     document: Mutex<Result<Vec<u8>, String>>,
     /// How long a fetch takes.
     delay: Mutex<Duration>,
+    /// While true, fetches wait (holding the document they started with).
+    held: tokio::sync::watch::Sender<bool>,
     fetches: AtomicUsize,
 }
 
@@ -123,6 +125,7 @@ impl FakeSource {
             allowed,
             document: Mutex::new(Ok(document)),
             delay: Mutex::new(Duration::ZERO),
+            held: tokio::sync::watch::Sender::new(false),
             fetches: AtomicUsize::new(0),
         })
     }
@@ -140,6 +143,16 @@ impl FakeSource {
         *self.delay.lock().unwrap() = delay;
     }
 
+    /// Fetches from now on wait, with the document they started with,
+    /// until [`FakeSource::release`]: a fetch that is under way on cue.
+    pub(crate) fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub(crate) fn release(&self) {
+        self.held.send_replace(false);
+    }
+
     pub(crate) fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
     }
@@ -148,11 +161,14 @@ impl FakeSource {
 impl KeySource for FakeSource {
     fn fetch(&self) -> FetchFuture<'_> {
         Box::pin(async move {
+            // What the server had when asked, as over HTTP.
+            let document = self.document.lock().unwrap().clone();
+            let mut held = self.held.subscribe();
             self.fetches.fetch_add(1, Ordering::SeqCst);
             let delay = *self.delay.lock().unwrap();
             tokio::time::sleep(delay).await;
-            let document = self.document.lock().unwrap().clone()?;
-            decode_jwks(&document, self.allowed, "fake")
+            let _ = held.wait_for(|held| !held).await;
+            decode_jwks(&document?, self.allowed, "fake")
         })
     }
 
