@@ -762,7 +762,7 @@ async fn a_proxy_whose_stdout_nobody_reads_keeps_serving() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cert = common::make_cert(dir.path(), "cert", &["localhost"]);
-    let (https, admin) = (common::free_port(), common::free_port());
+    let (https, admin) = (common::loopback_port(), common::loopback_port());
     let toml = format!(
         "[server]\nhttps_listen = \"127.0.0.1:{https}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nworkers = 2\n\n[tls]\ncert = \"cert.pem\"\nkey = \"cert.key\"\n\n[upstream]\nurl = \"http://{}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
         upstream.addr

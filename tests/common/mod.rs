@@ -856,18 +856,14 @@ pub async fn wait_active(admin: SocketAddr, want: i64, within: Duration) -> Opti
     last
 }
 
-/// A loopback port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The shipped `proxy.toml` on free ports, in a fresh directory.
 pub fn shipped_config_on_free_ports(dir: &Path) -> (PathBuf, u16) {
-    let (https, http, admin, upstream) = (free_port(), free_port(), free_port(), free_port());
+    let (https, http, admin, upstream) = (
+        loopback_port(),
+        loopback_port(),
+        loopback_port(),
+        loopback_port(),
+    );
     let shipped =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).unwrap();
     let text = shipped
@@ -921,16 +917,25 @@ pub async fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
 /// (what the other tests' listeners use) can be handed it while its owner
 /// is down (Redis killed, Pebble stopped, a proxy restarting), so it can be
 /// written into a config file before anything listens on it. Within one
-/// test binary the stride (prime to 12,000) never returns a port twice.
+/// test binary the stride (prime to 12,000) from one starting point never
+/// returns a port twice. (The starting point was once drawn again at every
+/// call, from the clock: two calls a few microseconds apart could then land
+/// on the same port, and Pebble's management port once came out equal to
+/// its DNS server's.)
 pub fn loopback_port() -> u16 {
+    use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{SystemTime, UNIX_EPOCH};
+    static SEED: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-        ^ (u64::from(std::process::id()) << 20);
+    // Different test binaries, and runs, start at different places.
+    let seed = *SEED.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64
+            ^ (u64::from(std::process::id()) << 20)
+    });
     for _ in 0..1000 {
         let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
         let port = 20_000 + (n % 12_000) as u16;
