@@ -83,9 +83,9 @@ pub struct RemoteKeys {
     keys: ArcSwap<KeySet>,
     /// A fetch has succeeded at least once.
     loaded: AtomicBool,
+    /// Held by every fetch from its start to its end (the fetch task
+    /// takes it), so waiting for it is waiting for the fetch under way.
     fetch: Arc<tokio::sync::Mutex<FetchState>>,
-    /// Counts finished fetches, so callers can wait for the one under way.
-    fetches_done: tokio::sync::watch::Sender<u64>,
 }
 
 impl RemoteKeys {
@@ -99,7 +99,6 @@ impl RemoteKeys {
             keys: ArcSwap::from_pointee(KeySet::default()),
             loaded: AtomicBool::new(false),
             fetch: Arc::new(tokio::sync::Mutex::new(FetchState::default())),
-            fetches_done: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -129,20 +128,8 @@ impl RemoteKeys {
         self.loaded.load(Ordering::Acquire)
     }
 
-    /// Fetches and, on success, replaces the whole key set, under `lock`
-    /// (the `fetch` mutex's guard, so fetches never overlap), then releases
-    /// the lock and only then announces the fetch's end. In that order, a
-    /// caller that finds the lock taken is sure to hear of the fetch that
-    /// holds it: had the announcement come first, a caller arriving between
-    /// it and the release would wait for a fetch that had already ended.
-    async fn fetch_and_announce<Lock>(&self, lock: Lock, why: &'static str) -> bool {
-        let fetched = self.fetch_keys(why).await;
-        drop(lock);
-        self.fetches_done.send_modify(|done| *done += 1);
-        fetched
-    }
-
-    /// One fetch; on success it replaces the whole key set.
+    /// One fetch; on success it replaces the whole key set. Call with
+    /// `fetch` locked, so fetches never overlap.
     async fn fetch_keys(&self, why: &'static str) -> bool {
         let result = match tokio::time::timeout(self.fetch_timeout, self.source.fetch()).await {
             Ok(result) => result,
@@ -170,50 +157,41 @@ impl RemoteKeys {
     /// when the kid is still unknown, starts a refetch of its own unless one
     /// started within `min_refetch_interval`, on a task of its own, and
     /// waits for that. The fetch under way may have started before the key
-    /// was published (a refresh, or the start fetch finishing), so it alone
-    /// does not settle the question. Concurrent callers share these fetches,
-    /// and the whole wait is at most [`UNKNOWN_KID_WAIT`]: an unreachable
-    /// JWKS endpoint costs each of them two seconds, not the fetch timeout.
+    /// was published (a refresh, or the start fetch), so it alone does not
+    /// settle the question. Concurrent callers share these fetches, and the
+    /// whole wait is at most [`UNKNOWN_KID_WAIT`]: an unreachable JWKS
+    /// endpoint costs each of them two seconds, not the fetch timeout.
     /// Returns whether a retry of the lookup can succeed.
     pub(super) async fn refetch_for_kid(self: &Arc<Self>, kid: &str) -> bool {
         let deadline = tokio::time::Instant::now() + UNKNOWN_KID_WAIT;
-        // Subscribed before the first look, so a fetch that ends between the
-        // look and the wait still wakes it.
-        let mut done = self.fetches_done.subscribe();
-        loop {
-            // Only an end announced after this look is news to it.
-            done.borrow_and_update();
-            if self.keys.load().has_kid(kid) {
-                return true;
-            }
-            match self.fetch.clone().try_lock_owned() {
-                Ok(mut state) => {
-                    if state
-                        .last_on_demand
-                        .is_some_and(|last| last.elapsed() < self.min_refetch_interval)
-                    {
-                        return false;
-                    }
-                    state.last_on_demand = Some(Instant::now());
-                    let remote = Arc::clone(self);
-                    let own = tokio::spawn(async move {
-                        remote.fetch_and_announce(state, "unknown kid").await
-                    });
-                    // Awaited by its handle, not by announcement: the fetch
-                    // before it may announce its end while this one runs.
-                    // On timeout the fetch goes on for later requests.
-                    let _ = tokio::time::timeout_at(deadline, own).await;
-                    break;
-                }
-                // Taken: a fetch is under way, and its end will be announced.
-                Err(_) => {
-                    let announced = tokio::time::timeout_at(deadline, done.changed()).await;
-                    if !matches!(announced, Ok(Ok(()))) {
-                        break;
-                    }
-                }
-            }
+        if self.keys.load().has_kid(kid) {
+            return true;
         }
+        // The lock is free only between fetches. (Waiting for a fetch's
+        // announcement instead, as this once did, could miss one that
+        // ended before the wait began while its lock was still held.)
+        let Ok(mut state) =
+            tokio::time::timeout_at(deadline, self.fetch.clone().lock_owned()).await
+        else {
+            return self.keys.load().has_kid(kid);
+        };
+        if self.keys.load().has_kid(kid) {
+            return true;
+        }
+        if state
+            .last_on_demand
+            .is_some_and(|last| last.elapsed() < self.min_refetch_interval)
+        {
+            return false;
+        }
+        state.last_on_demand = Some(Instant::now());
+        let remote = Arc::clone(self);
+        let own = tokio::spawn(async move {
+            let _state = state;
+            remote.fetch_keys("unknown kid").await
+        });
+        // On timeout the fetch goes on, for the requests after this one.
+        let _ = tokio::time::timeout_at(deadline, own).await;
         self.keys.load().has_kid(kid)
     }
 
@@ -228,11 +206,11 @@ impl RemoteKeys {
     ) {
         let mut ok = {
             let Some(remote) = weak.upgrade() else { return };
-            let lock = match start {
+            let _guard = match start {
                 Some(guard) => guard,
                 None => remote.fetch.clone().lock_owned().await,
             };
-            remote.fetch_and_announce(lock, "start").await
+            remote.fetch_keys("start").await
         };
         let mut backoff = Duration::from_secs(1);
         loop {
@@ -245,8 +223,8 @@ impl RemoteKeys {
             };
             tokio::time::sleep(delay).await;
             let Some(remote) = weak.upgrade() else { return };
-            let lock = remote.fetch.lock().await;
-            let fetched = remote.fetch_and_announce(lock, "refresh").await;
+            let _guard = remote.fetch.lock().await;
+            let fetched = remote.fetch_keys("refresh").await;
             ok = fetched || remote.loaded.load(Ordering::Acquire);
         }
     }
@@ -347,12 +325,9 @@ mod tests {
             let keys = keys.clone();
             async move { keys.refetch_for_kid("b").await }
         });
-        // Subscribed, found the lock taken and waiting, all in its first
-        // poll on this single-threaded runtime.
-        wait_until("the caller waiting", || {
-            keys.fetches_done.receiver_count() == 1
-        })
-        .await;
+        // On this single-threaded runtime one yield runs the caller up to
+        // its first wait, for the lock the start fetch holds.
+        tokio::task::yield_now().await;
         source.release();
         assert!(caller.await.unwrap(), "b is known after the refetch");
         assert_eq!(source.fetches(), 2);
